@@ -1,0 +1,27 @@
+# make test : build egnn into .venv and run the test suite (what CI runs)
+# make demo : build egnn into .venv and run the end-to-end demo on the shipped HfO2 data
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.egnn-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: the local CPU wheel; an unpinned resolve would pull a multi-GB CUDA build
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,triton,pyscf]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: $(STAMP)
+	$(PY) -m egnn demo --out out/demo
+
+clean:
+	rm -rf build dist *.egg-info egnn/_C*.so out

@@ -1,0 +1,5 @@
+"""egnn: SO(2)-equivariant graph neural network for DFT Hamiltonians, distributed over many GPUs."""
+from .errors import ConfigError, DistributedError, EgnnError, InputError
+
+__version__ = "0.1.0"
+__all__ = ["EgnnError", "InputError", "ConfigError", "DistributedError", "__version__"]

@@ -1,0 +1,54 @@
+"""Build egnn and its C++/CUDA extension egnn._C.
+
+Environment:
+  EGNN_SKIP_EXT=1        build no extension (the package then runs on its pure-PyTorch paths)
+  EGNN_FORCE_CUDA=1      compile the CUDA sources even without a CUDA torch / visible GPU
+  TORCH_CUDA_ARCH_LIST   CUDA archs (default "9.0a", Hopper: H100/H200/GH200)
+"""
+import glob
+import os
+
+from setuptools import setup
+
+PACKAGE_DIR = {"egnn": "egnn", "egnn.kernels": "kernels", "egnn.comm": "comm"}
+PACKAGES = ["egnn", "egnn.nn", "egnn.cli", "egnn.io", "egnn.partition", "egnn.kernels", "egnn.comm"]
+
+
+def _existing(pkgs):
+    return [p for p in pkgs if os.path.isdir(PACKAGE_DIR.get(p, p.replace(".", "/")))]
+
+
+def extensions():
+    if os.environ.get("EGNN_SKIP_EXT") == "1":
+        return [], {}
+    from torch.utils import cpp_extension as ce
+
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    import torch
+
+    want_cuda = os.environ.get("EGNN_FORCE_CUDA") == "1" or (
+        torch.version.cuda is not None and ce.CUDA_HOME is not None
+    )
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    extra = {"cxx": cxx}
+    if want_cuda and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+        extra["cxx"] = cxx + ["-DEGNN_WITH_CUDA"]
+        extra["nvcc"] = ["-O3", "-std=c++17", "-DEGNN_WITH_CUDA", "--use_fast_math"]
+        ext = ce.CUDAExtension("egnn._C", sources + cuda_sources, extra_compile_args=extra,
+                               extra_link_args=["-fopenmp"])
+    else:
+        ext = ce.CppExtension("egnn._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(
+    packages=_existing(PACKAGES),
+    package_dir=PACKAGE_DIR,
+    package_data={"egnn": ["demo_data/**/*", "configs/*.yaml"]},
+    include_package_data=True,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
