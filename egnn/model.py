@@ -1,0 +1,156 @@
+"""HamiltonianModel: the reference (pure PyTorch) equivariant model of H blocks.
+
+species, edges, edge vectors -> per-node outputs (diagonal blocks H[i, i](0)) and per-edge outputs
+(off-diagonal blocks H[d, s](R)), both in the coupled (L, M) basis of `egnn.basis`: rows
+L = 0..basis.L_max (l-major), channels padded per species pair (the basis' layout says which
+channel holds which shell pair).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .basis import OrbitalBasis
+from .errors import ConfigError, InputError
+from .nn import (EdgeRotation, EquivariantLayerNorm, EquivariantLinear, GateActivation, GaussianRBF,
+                 InteractionLayer, RadialMLP, cosine_envelope)
+
+__all__ = ["ModelConfig", "HamiltonianModel", "OutputHead"]
+
+
+@dataclass
+class ModelConfig:
+    basis: OrbitalBasis
+    r_cut: float = 8.0
+    lmax: int = 4
+    mmax: int = 4
+    channels: int = 16  # E, the embedding width
+    layers: int = 3  # M
+    heads: int = 2
+    hidden: int = 32  # width inside SO(2) convolutions and feed-forwards
+    num_rbf: int = 32
+
+    def __post_init__(self):
+        if isinstance(self.basis, dict):
+            self.basis = OrbitalBasis.from_dict(self.basis)
+        if self.lmax < 0 or not 0 <= self.mmax <= self.lmax:
+            raise ConfigError(f"model: need 0 <= mmax <= lmax, got lmax={self.lmax}, mmax={self.mmax}")
+        if self.lmax < self.basis.L_max:
+            raise ConfigError(f"model: lmax={self.lmax} is smaller than the L={self.basis.L_max} that the "
+                              f"orbital basis needs (shells up to l={self.basis.lmax} couple to 2l); "
+                              f"set lmax >= {self.basis.L_max}")
+        if self.channels % self.heads:
+            raise ConfigError(f"model: channels={self.channels} must be divisible by heads={self.heads}")
+        if not self.r_cut > 0:
+            raise ConfigError(f"model: r_cut must be > 0 Å, got {self.r_cut}")
+        for name in ("channels", "layers", "heads", "hidden", "num_rbf"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model: {name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["basis"] = self.basis.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"model: unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+class OutputHead(nn.Module):
+    """Equivariant MLP to padded coupled-basis outputs: C_in -> hidden (gated) -> counts per L."""
+
+    def __init__(self, L_max: int, in_channels: int, hidden: int, counts: list[int]):
+        super().__init__()
+        self.L_max = L_max
+        row_l = torch.tensor([l for l in range(L_max + 1) for _ in range(2 * l + 1)])
+        self.lin1 = EquivariantLinear(L_max, in_channels, hidden)
+        self.gate = GateActivation(row_l, L_max, hidden)
+        self.gates = nn.Linear(in_channels, self.gate.num_gates)
+        self.lin2 = EquivariantLinear(L_max, hidden, counts)
+
+    def forward(self, z):
+        z = z[:, :(self.L_max + 1) ** 2]
+        return self.lin2(self.gate(self.lin1(z), self.gates(z[:, 0])))
+
+
+class HamiltonianModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        basis = cfg.basis
+        S, C, L = len(basis.elements), cfg.channels, basis.L_max
+        self.num_species, self.L_max = S, L
+        self.node_counts, self.edge_counts = basis.node_channels(), basis.edge_channels()
+        self.rotation = EdgeRotation(cfg.lmax, cfg.mmax)
+        self.rbf = GaussianRBF(cfg.r_cut, cfg.num_rbf)
+        self.node_embed = nn.Embedding(S, C)
+        self.edge_radial = RadialMLP(cfg.num_rbf, C)
+        self.edge_src_embed = nn.Embedding(S, C)
+        self.edge_dst_embed = nn.Embedding(S, C)
+        self.layers = nn.ModuleList(InteractionLayer(cfg.lmax, cfg.mmax, C, cfg.hidden, cfg.heads, cfg.num_rbf)
+                                    for _ in range(cfg.layers))
+        self.node_norm = EquivariantLayerNorm(cfg.lmax, C)
+        self.edge_norm = EquivariantLayerNorm(cfg.lmax, C)
+        self.node_head = OutputHead(L, C, cfg.hidden, self.node_counts)
+        self.edge_head = OutputHead(L, 3 * C, cfg.hidden, self.edge_counts)
+        # output statistics (set by the trainer from the data): per-species L = 0 shift, per-(L, c) scale
+        self.register_buffer("node_shift", torch.zeros(S, max(self.node_counts)))
+        self.register_buffer("node_scale", torch.ones(L + 1, max(self.node_counts)))
+        self.register_buffer("edge_scale", torch.ones(L + 1, max(self.edge_counts)))
+        self.register_buffer("row_L", torch.tensor([l for l in range(L + 1) for _ in range(2 * l + 1)]),
+                             persistent=False)
+
+    @property
+    def basis(self) -> OrbitalBasis:
+        return self.config.basis
+
+    def embed(self, species, src, dst, edge_vec):
+        """Initial node and edge embeddings ([N|E, (lmax+1)^2, C], only the L = 0 row non-zero)."""
+        K, C = (self.config.lmax + 1) ** 2, self.config.channels
+        x0 = self.node_embed(species)
+        dist = edge_vec.norm(dim=-1)
+        rbf = self.rbf(dist)
+        envelope = cosine_envelope(dist, self.config.r_cut)
+        e0 = (self.edge_radial(rbf) + self.edge_src_embed(species.index_select(0, src))
+              + self.edge_dst_embed(species.index_select(0, dst))) * envelope.unsqueeze(-1)
+        x = torch.cat([x0.unsqueeze(1), x0.new_zeros(len(species), K - 1, C)], dim=1)
+        e = torch.cat([e0.unsqueeze(1), e0.new_zeros(len(dist), K - 1, C)], dim=1)
+        return x, e, rbf, envelope
+
+    def forward(self, species: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, edge_vec: torch.Tensor,
+                exchange=None):
+        """species [N] int (index into basis.elements), src/dst [E] int (edges sorted by dst),
+        edge_vec [E, 3] = x_src + R·cell − x_dst. Returns (node_out [N, (L+1)^2, Cn],
+        edge_out [E, (L+1)^2, Ce]). `exchange(x)` refreshes halo rows (distributed runs)."""
+        self._check(species, src, dst, edge_vec)
+        exchange = exchange or (lambda t: t)
+        x, e, rbf, envelope = self.embed(species, src, dst, edge_vec)
+        D = self.rotation.wigner(edge_vec)
+        for layer in self.layers:
+            x, e = layer(x, e, src, dst, self.rotation, D, rbf, envelope, exchange)
+        xn = self.node_norm(x)
+        node = self.node_head(xn)
+        xe = exchange(xn)
+        edge = self.edge_head(torch.cat([self.edge_norm(e), xe.index_select(0, src), xe.index_select(0, dst)], -1))
+        return self._node_stats(node, species), edge * self.edge_scale[self.row_L].to(edge.dtype)
+
+    def _node_stats(self, node, species):
+        node = node * self.node_scale[self.row_L].to(node.dtype)
+        shift = self.node_shift.index_select(0, species).to(node.dtype)
+        return torch.cat([node[:, :1] + shift.unsqueeze(1), node[:, 1:]], dim=1)
+
+    def _check(self, species, src, dst, edge_vec):
+        if edge_vec.shape != (len(src), 3) or len(src) != len(dst):
+            raise InputError(f"model: src {tuple(src.shape)}, dst {tuple(dst.shape)} and edge_vec "
+                             f"{tuple(edge_vec.shape)} must describe the same edges ([E], [E], [E, 3])")
+        if len(species) and (int(species.min()) < 0 or int(species.max()) >= self.num_species):
+            raise InputError(f"model: species ids must lie in [0, {self.num_species}) "
+                             f"(elements {self.basis.elements})")

@@ -1,0 +1,122 @@
+"""eSCN/EquiformerV2 message transform: rotate into each edge's frame, SO(2) linear, rotate back.
+
+In the edge frame (edge direction on +Y) a rotation about the edge axis turns each (+m, -m) pair of
+every degree l by the angle m·phi, so a linear map that commutes with it may mix degrees but
+only within one m: a plain matrix on the m = 0 rows, and [[W1, -W2], [W2, W1]] on each ±m pair.
+That is the SO(2) linear; everything here is in the m-major row order of `so3.l_to_m_major`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import so3
+from ..errors import InputError
+
+
+def check_degrees(lmax: int, mmax: int) -> None:
+    if lmax < 0 or not 0 <= mmax <= lmax:
+        raise InputError(f"need 0 <= mmax <= lmax, got lmax={lmax}, mmax={mmax}")
+
+
+class EdgeRotation(nn.Module):
+    """Wigner-D blocks of the edge frames, and the rotations l-major <-> m-major edge frame.
+
+    `wigner(edge_vec)` returns the per-l blocks (Σ(2l+1)² values per edge, never a dense matrix);
+    `to_edge(x, D)`: [E, (lmax+1)^2, C] l-major global frame -> [E, K_m, C] m-major edge frame,
+    rows with |m| > mmax dropped; `from_edge(y, D)` is its transpose (dropped rows come back as 0).
+    """
+
+    def __init__(self, lmax: int, mmax: int | None = None):
+        super().__init__()
+        mmax = lmax if mmax is None else mmax
+        check_degrees(lmax, mmax)
+        self.lmax, self.mmax = lmax, mmax
+        perm = so3.l_to_m_major(lmax, mmax)
+        self.register_buffer("perm", perm, persistent=False)
+        inv = torch.full(((lmax + 1) ** 2,), len(perm), dtype=torch.long)  # dropped rows -> zero row
+        inv[perm] = torch.arange(len(perm))
+        self.register_buffer("inv_perm", inv, persistent=False)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.perm)
+
+    def wigner(self, edge_vec: torch.Tensor) -> list[torch.Tensor]:
+        return so3.wigner_D(edge_vec, self.lmax)
+
+    def to_edge(self, x: torch.Tensor, D: list[torch.Tensor]) -> torch.Tensor:
+        return so3.rotate(x, D).index_select(1, self.perm)
+
+    def from_edge(self, y: torch.Tensor, D: list[torch.Tensor]) -> torch.Tensor:
+        y = torch.cat([y, y.new_zeros(y.shape[0], 1, y.shape[2])], dim=1).index_select(1, self.inv_perm)
+        return so3.rotate_back(y, D)
+
+
+class SO2Linear(nn.Module):
+    """m-major [E, K_m, C_in] -> [E, K_m, C_out], plus `extra_scalars` invariant outputs per edge
+    taken from the m = 0 map (used for gates and attention logits).
+
+    `scale` (optional, broadcastable to the input, e.g. [E, 1, C_in]) multiplies the input first:
+    the radial (distance) modulation of eSCN.
+    """
+
+    def __init__(self, lmax: int, mmax: int, in_channels: int, out_channels: int, extra_scalars: int = 0):
+        super().__init__()
+        check_degrees(lmax, mmax)
+        self.lmax, self.mmax = lmax, mmax
+        self.cin, self.cout, self.extra = in_channels, out_channels, extra_scalars
+        self.sizes = so3.m_major_sizes(lmax, mmax)  # number of l per m
+        n0 = self.sizes[0]
+        self.m0 = nn.Linear(n0 * in_channels, n0 * out_channels + extra_scalars)
+        self.w = nn.ParameterList()
+        for n in self.sizes[1:]:
+            w = torch.randn(n * in_channels, 2 * n * out_channels) / math.sqrt(2 * n * in_channels)
+            self.w.append(nn.Parameter(w))  # [W1 | W2]
+        with torch.no_grad():
+            self.m0.weight.mul_(1.0 / math.sqrt(2.0))
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None):
+        if scale is not None:
+            x = x * scale
+        E = x.shape[0]
+        n0 = self.sizes[0]
+        y0 = self.m0(x[:, :n0].reshape(E, -1))
+        extra = y0[:, n0 * self.cout:]
+        out = [y0[:, :n0 * self.cout].reshape(E, n0, self.cout)]
+        row = n0
+        for m, n in enumerate(self.sizes[1:], start=1):
+            xm = x[:, row:row + 2 * n].reshape(E, 2, n * self.cin)  # (+m rows, -m rows)
+            y = (xm @ self.w[m - 1]).view(E, 2, 2, n, self.cout)  # [E, ±, (W1, W2), n, C]
+            out.append(y[:, 0, 0] - y[:, 1, 1])  # +m: W1 x+ - W2 x-
+            out.append(y[:, 0, 1] + y[:, 1, 0])  # -m: W2 x+ + W1 x-
+            row += 2 * n
+        return torch.cat(out, dim=1), extra
+
+
+def m_major_degrees(lmax: int, mmax: int) -> torch.Tensor:
+    """Degree l of each m-major row."""
+    return torch.tensor([int(math.isqrt(i)) for i in so3.l_to_m_major(lmax, mmax).tolist()])
+
+
+class SO2Convolution(nn.Module):
+    """Edge-frame message MLP: SO2Linear (C_in -> hidden, + gates + extra scalars) -> gate -> SO2Linear
+    (hidden -> C_out). Returns (m-major output, the extra invariant scalars)."""
+
+    def __init__(self, lmax: int, mmax: int, in_channels: int, hidden: int, out_channels: int,
+                 extra_scalars: int = 0):
+        super().__init__()
+        from .activation import GateActivation
+
+        self.gate = GateActivation(m_major_degrees(lmax, mmax), lmax, hidden)
+        self.extra = extra_scalars
+        self.lin1 = SO2Linear(lmax, mmax, in_channels, hidden, extra_scalars=self.gate.num_gates + extra_scalars)
+        self.lin2 = SO2Linear(lmax, mmax, hidden, out_channels)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None):
+        h, s = self.lin1(x, scale)
+        gates, extra = s[:, :self.gate.num_gates], s[:, self.gate.num_gates:]
+        y, _ = self.lin2(self.gate(h, gates))
+        return y, extra
