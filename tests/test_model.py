@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from conftest import random_rotation, rotate_blocks
+
+from egnn import EgnnError, so3
+from egnn.basis import OrbitalBasis
+from egnn.graph import radius_graph
+from egnn.model import HamiltonianModel, ModelConfig
+
+HFO2 = OrbitalBasis.explicit({"Hf": "sspd", "O": "sp"}, "SZV-MOLOPT-SR-GTH")
+
+
+def hfo2(seed=1, r_cut=5.0):
+    atoms = bulk("HfO2", "fluorite", 5.1)
+    atoms.rattle(0.1, seed=seed)
+    return atoms, radius_graph(atoms, r_cut)
+
+
+def inputs(graph, basis=HFO2, dtype=torch.float64):
+    t = torch.tensor
+    return (t(basis.species_index(graph.numbers)), t(graph.src), t(graph.dst), t(graph.vec, dtype=dtype))
+
+
+def model(dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    return HamiltonianModel(ModelConfig(basis=HFO2, r_cut=5.0, **kw)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_model_is_equivariant(dtype, tol):
+    m = model(dtype)
+    _, g = hfo2()
+    sp, src, dst, vec = inputs(g, dtype=dtype)
+    with torch.no_grad():
+        n1, e1 = m(sp, src, dst, vec)
+        R = random_rotation(7, dtype)
+        n2, e2 = m(sp, src, dst, vec @ R.T)
+    D = so3.wigner_D_from_matrix(R, HFO2.L_max)
+    for a, b in ((n1, n2), (e1, e2)):
+        err = (rotate_blocks(a, D) - b).abs().max() / a.abs().max()
+        assert err < tol, err
+
+
+def test_outputs_have_the_basis_channels():
+    m = model()
+    _, g = hfo2()
+    n, e = m(*inputs(g))
+    assert n.shape == (g.num_nodes, 25, max(HFO2.node_channels()))
+    assert e.shape == (g.num_edges, 25, max(HFO2.edge_channels()))
+
+
+def test_translation_invariance_and_permutation_equivariance():
+    m = model()
+    atoms, g = hfo2()
+    with torch.no_grad():
+        n1, e1 = m(*inputs(g))
+        moved = atoms.copy()
+        moved.translate([0.37, -1.2, 2.9])
+        moved.wrap()
+        n2, _ = m(*inputs(radius_graph(moved, 5.0)))
+        assert (n1 - n2).abs().max() < 1e-10
+        perm = np.random.default_rng(0).permutation(len(atoms))
+        g3 = radius_graph(atoms[perm], 5.0)
+        n3, e3 = m(*inputs(g3))
+    assert (n3 - n1[perm]).abs().max() < 1e-10
+    # edge (s, d, R) of the permuted structure is edge (perm[s], perm[d], R) of the original
+    key = {(s, d, tuple(r)): k for k, (s, d, r) in enumerate(zip(g.src, g.dst, g.shift))}
+    idx = [key[(perm[s], perm[d], tuple(r))] for s, d, r in zip(g3.src, g3.dst, g3.shift)]
+    assert (e3 - e1[idx]).abs().max() < 1e-10
+
+
+def test_deterministic_with_seed_and_finite_gradients():
+    _, g = hfo2()
+    outs = []
+    for _ in range(2):
+        m = model(seed=11)
+        n, e = m(*inputs(g))
+        outs.append((n.detach(), e.detach()))
+        (n.square().mean() + e.square().mean()).backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+        assert sum(p.grad.abs().sum() > 0 for p in m.parameters() if p.grad is not None) > 0.9 * len(list(m.parameters()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_tiny_overfit_loss_falls_100x():
+    basis = OrbitalBasis.explicit({"Si": "sp", "C": "sp"})
+    atoms = bulk("SiC", "zincblende", 4.36)
+    atoms.rattle(0.05, seed=0)
+    g = radius_graph(atoms, 4.0)
+    sp, src, dst, vec = inputs(g, basis, torch.float32)
+    cfg = ModelConfig(basis=basis, r_cut=4.0, lmax=2, mmax=2, channels=8, layers=1, heads=2, hidden=16, num_rbf=16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tn, te = HamiltonianModel(cfg)(sp, src, dst, vec)  # a teacher gives equivariant targets
+    m = HamiltonianModel(cfg)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(120):
+        n, e = m(sp, src, dst, vec)
+        loss = (n - tn).square().mean() + (e - te).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 100
+
+
+def test_bad_config_and_input():
+    with pytest.raises(EgnnError, match="lmax=2 is smaller"):
+        ModelConfig(basis=HFO2, lmax=2, mmax=2)
+    with pytest.raises(EgnnError, match="mmax"):
+        ModelConfig(basis=HFO2, lmax=4, mmax=5)
+    with pytest.raises(EgnnError, match="unknown key"):
+        ModelConfig.from_dict({"basis": HFO2.to_dict(), "lmaxx": 3})
+    m = model()
+    _, g = hfo2()
+    sp, src, dst, vec = inputs(g)
+    vec = vec.clone()
+    vec[3] = 0.0
+    with pytest.raises(EgnnError, match="zero length"):
+        m(sp, src, dst, vec)
+    vec[3] = float("nan")
+    with pytest.raises(EgnnError, match="NaN"):
+        m(sp, src, dst, vec)
+    with pytest.raises(EgnnError, match="NaN"):
+        atoms, _ = hfo2()
+        atoms.positions[0, 0] = float("nan")
+        radius_graph(atoms, 5.0)
