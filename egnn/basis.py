@@ -15,7 +15,7 @@ from ase.data import atomic_numbers, chemical_symbols
 
 from .errors import InputError
 
-__all__ = ["OrbitalBasis", "CoupledEntry"]
+__all__ = ["OrbitalBasis", "CoupledEntry", "code_to_e3nn"]
 
 SHELL_LETTERS = "spdfghi"
 
@@ -133,6 +133,61 @@ class OrbitalBasis:
     def from_dict(cls, d: dict) -> "OrbitalBasis":
         return cls(d["shells"], d.get("name", ""))
 
+    @classmethod
+    def from_cp2k(cls, basis_file, kinds: dict, name: str = "") -> "OrbitalBasis":
+        """From CP2K basis-set names, {element: "DZVP-MOLOPT-SR-GTH"} (the &KIND ... BASIS_SET).
+
+        `basis_file` is a CP2K basis file (BASIS_MOLOPT format) or None: then
+        /usr/share/cp2k/BASIS_MOLOPT when present, else the shell structures embedded in
+        egnn.io.cp2k (MOLOPT SZV/DZVP, with and without -SR). Shell order is CP2K's: set by set,
+        l = lmin..lmax inside a set, nshell(l) shells each.
+        """
+        from .io.cp2k import basis_shells
+
+        shells = {el: basis_shells(el, bname, basis_file) for el, bname in kinds.items()}
+        return cls(shells, name or "+".join(sorted(set(kinds.values()))))
+
+    @classmethod
+    def from_pyscf(cls, cell, name: str = "") -> "OrbitalBasis":
+        """From a pyscf Mole/Cell: the shells of each element in PySCF's AO order (a shell with
+        several contractions counts once per contraction, as PySCF orders them)."""
+        shells: dict = {}
+        for ib in range(cell.nbas):
+            el = cell.atom_pure_symbol(cell.bas_atom(ib))
+            shells.setdefault(cell.bas_atom(ib), (el, []))[1].extend(
+                [cell.bas_angular(ib)] * cell.bas_nctr(ib))
+        out: dict = {}
+        for ia, (el, ls) in shells.items():
+            if el in out and out[el] != ls:
+                raise InputError(f"PySCF cell: atoms of element {el} carry different bases ({out[el]} vs {ls}); "
+                                 "egnn needs one basis per element")
+            out[el] = ls
+        if not name:
+            b = cell.basis
+            name = b if isinstance(b, str) else "pyscf"
+        return cls(out, name)
+
+    def transform(self, numbers, code: str = "cp2k"):
+        """Sparse block-diagonal T [n_orb, n_orb] mapping a code's orbitals to the internal basis:
+        M_internal = T M_code Tᵀ and M_code = Tᵀ M_internal T (T is orthogonal)."""
+        import scipy.sparse as sp
+
+        rows, cols, vals = [], [], []
+        per_el = {}
+        for el in self.elements:
+            blocks = [code_to_e3nn(l, code) for l in self.shells[el]]
+            per_el[atomic_numbers[el]] = _block_diag_coo(blocks)
+        offsets = self.orbital_offsets(numbers)
+        for z, o in zip(numbers, offsets[:-1]):
+            r, c, v = per_el[int(z)] if int(z) in per_el else (None, None, None)
+            if r is None:
+                self._symbol(int(z))  # raises the standard message
+            rows.append(r + o)
+            cols.append(c + o)
+            vals.append(v)
+        n = int(offsets[-1])
+        return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+
 
 @functools.lru_cache(maxsize=None)
 def _pair_layout(basis: OrbitalBasis, a: str, b: str) -> tuple[CoupledEntry, ...]:
@@ -145,3 +200,65 @@ def _pair_layout(basis: OrbitalBasis, a: str, b: str) -> tuple[CoupledEntry, ...
                 count[L] = c + 1
                 out.append(CoupledEntry(i, j, la, lb, L, c))
     return tuple(out)
+
+
+# ----------------------------------------------------------------------------- code <-> e3nn harmonics
+def _code_harmonics(l: int, v: np.ndarray) -> np.ndarray:
+    """Real solid harmonics of CP2K/PySCF (z polar, no Condon-Shortley phase), m = -l..l, up to
+    normalisation, at points v [P, 3]. p is returned as (py, pz, px) (CP2K's order)."""
+    x, y, z = v[:, 0], v[:, 1], v[:, 2]
+    r2 = x * x + y * y + z * z
+    if l == 0:
+        f = [np.ones_like(x)]
+    elif l == 1:
+        f = [y, z, x]
+    elif l == 2:
+        f = [x * y, y * z, 3 * z * z - r2, x * z, x * x - y * y]
+    elif l == 3:
+        f = [y * (3 * x * x - y * y), x * y * z, y * (5 * z * z - r2), z * (5 * z * z - 3 * r2),
+             x * (5 * z * z - r2), z * (x * x - y * y), x * (x * x - 3 * y * y)]
+    else:
+        raise InputError(f"orbital shells with l = {l} > 3 are not supported (CP2K/PySCF g functions); "
+                         "use a basis with s, p, d, f shells")
+    return np.stack(f, axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def code_to_e3nn(l: int, code: str = "cp2k") -> np.ndarray:
+    """Orthogonal T [2l+1, 2l+1] with (internal orbitals) = T (code orbitals) for one shell.
+
+    Fitted by least squares: e3nn's harmonics Y (y polar) = A f with f the code's solid harmonics
+    (z polar) at random points; then f = A⁻¹ Y and normalising the rows of A⁻¹ gives the code's
+    normalised orbitals as g = U Y with U orthogonal, so T = Uᵀ. For p this is the permutation
+    (py, pz, px) -> (x, y, z); for d and f a genuine rotation of the m components. PySCF differs
+    from CP2K only in p, which it orders (px, py, pz).
+    """
+    import torch
+
+    from .so3 import spherical_harmonics
+
+    if code not in ("cp2k", "pyscf"):
+        raise InputError(f"orbital convention must be 'cp2k' or 'pyscf', not {code!r}")
+    rng = np.random.default_rng(12345)
+    v = rng.normal(size=(64, 3))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    Y = spherical_harmonics(torch.from_numpy(v), l).numpy()[:, l * l:(l + 1) ** 2]
+    f = _code_harmonics(l, v)
+    A = np.linalg.lstsq(f, Y, rcond=None)[0].T  # Y = A f (rows of A: e3nn m)
+    B = np.linalg.inv(A)  # f = B Y
+    U = B / np.linalg.norm(B, axis=1, keepdims=True)
+    U[np.abs(U) < 1e-14] = 0.0
+    if l == 1 and code == "pyscf":
+        U = U[[2, 0, 1]]  # PySCF p = (px, py, pz) = CP2K rows (px is CP2K's third)
+    return np.ascontiguousarray(U.T)
+
+
+def _block_diag_coo(blocks):
+    rows, cols, vals, off = [], [], [], 0
+    for b in blocks:
+        r, c = np.nonzero(np.ones_like(b, dtype=bool))
+        rows.append(r + off)
+        cols.append(c + off)
+        vals.append(b[r, c])
+        off += b.shape[0]
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
