@@ -81,6 +81,22 @@ class OutputHead(nn.Module):
         return self.lin2(self.gate(self.lin1(z), self.gates(z[:, 0])))
 
 
+def edge_chunks(dst: torch.Tensor, size: int) -> list[tuple[int, int]]:
+    """Edge ranges of about `size` edges that start and end on destination boundaries."""
+    E = len(dst)
+    if E == 0:
+        return []
+    starts = torch.ones(E, dtype=torch.bool, device=dst.device)
+    starts[1:] = dst[1:] != dst[:-1]
+    bounds = torch.nonzero(starts).flatten().tolist() + [E]
+    out, a = [], 0
+    for b in bounds[1:]:
+        if b - a >= size or b == E:
+            out.append((a, b))
+            a = b
+    return out
+
+
 class HamiltonianModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -126,21 +142,41 @@ class HamiltonianModel(nn.Module):
         return x, e, rbf, envelope
 
     def forward(self, species: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, edge_vec: torch.Tensor,
-                exchange=None):
+                exchange=None, edge_chunk: int | None = None):
         """species [N] int (index into basis.elements), src/dst [E] int (edges sorted by dst),
         edge_vec [E, 3] = x_src + R·cell − x_dst. Returns (node_out [N, (L+1)^2, Cn],
-        edge_out [E, (L+1)^2, Ce]). `exchange(x)` refreshes halo rows (distributed runs)."""
+        edge_out [E, (L+1)^2, Ce]). `exchange(x)` refreshes halo rows (distributed runs).
+
+        `edge_chunk` (inference only): build messages for about this many edges at a time, so memory
+        holds the node and edge embeddings but no per-edge intermediates of the whole graph."""
         self._check(species, src, dst, edge_vec)
         exchange = exchange or (lambda t: t)
         x, e, rbf, envelope = self.embed(species, src, dst, edge_vec)
+        if edge_chunk and not torch.is_grad_enabled():
+            chunks = edge_chunks(dst, edge_chunk)
+            del rbf, envelope
+            for layer in self.layers:
+                x, e = layer.forward_chunked(x, e, src, dst, self.rotation, chunks,
+                                             lambda a, b: self.edge_features(edge_vec[a:b]), exchange)
+            xn = self.node_norm(x)
+            xe = exchange(xn)
+            edge = torch.cat([self._edge_out(e[a:b], xe, src[a:b], dst[a:b]) for a, b in chunks]) if chunks \
+                else self._edge_out(e, xe, src, dst)
+            return self._node_stats(self.node_head(xn), species), edge
         D = self.rotation.wigner(edge_vec)
         for layer in self.layers:
             x, e = layer(x, e, src, dst, self.rotation, D, rbf, envelope, exchange)
         xn = self.node_norm(x)
-        node = self.node_head(xn)
-        xe = exchange(xn)
+        return self._node_stats(self.node_head(xn), species), self._edge_out(e, exchange(xn), src, dst)
+
+    def edge_features(self, edge_vec):
+        """(Wigner-D blocks, radial basis, envelope) of a set of edges."""
+        dist = edge_vec.norm(dim=-1)
+        return self.rotation.wigner(edge_vec), self.rbf(dist), cosine_envelope(dist, self.config.r_cut)
+
+    def _edge_out(self, e, xe, src, dst):
         edge = self.edge_head(torch.cat([self.edge_norm(e), xe.index_select(0, src), xe.index_select(0, dst)], -1))
-        return self._node_stats(node, species), edge * self.edge_scale[self.row_L].to(edge.dtype)
+        return edge * self.edge_scale[self.row_L].to(edge.dtype)
 
     def _node_stats(self, node, species):
         node = node * self.node_scale[self.row_L].to(node.dtype)

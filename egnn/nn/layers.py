@@ -73,10 +73,43 @@ class InteractionLayer(nn.Module):
             v, extra = self.node_msg(rot, D, xn.index_select(0, src), xn.index_select(0, dst), en, rbf)
             with nvtx.annotate("egnn/aggregate"):
                 agg = self.aggregate(self.alpha(extra), v * envelope.view(-1, 1, 1), dst, n)
-            x = x + self.node_proj(agg)
-            x = x + self.ffn(self.ffn_norm(x))
+            x = self._node_update(x, agg)
         with nvtx.annotate("egnn/edge_update"):
             xn = exchange(self.node_norm(x))
             u, _ = self.edge_msg(rot, D, xn.index_select(0, src), xn.index_select(0, dst), en, rbf)
             e = e + u * envelope.view(-1, 1, 1)
+        return x, e
+
+    def _node_update(self, x, agg):
+        x = x + self.node_proj(agg)
+        return x + self.ffn(self.ffn_norm(x))
+
+    @torch.no_grad()
+    def forward_chunked(self, x, e, src, dst, rot, chunks, edge_features, exchange=_identity):
+        """Inference with bounded memory: the same result as forward, but messages are built for one
+        edge range at a time. Ranges must start and end on destination boundaries (edges are sorted
+        by dst), so every softmax segment lies in one chunk. `edge_features(a, b)` returns
+        (D, rbf, envelope) of edges a:b, recomputed per chunk instead of stored for all edges."""
+        n = x.shape[0]
+        with nvtx.annotate("egnn/node_update"):
+            xn = exchange(self.node_norm(x))
+            agg = None
+            for a, b in chunks:
+                D, rbf, env = edge_features(a, b)
+                s, d = src[a:b], dst[a:b]
+                v, extra = self.node_msg(rot, D, xn.index_select(0, s), xn.index_select(0, d),
+                                         self.edge_norm(e[a:b]), rbf)
+                part = self.aggregate(self.alpha(extra), v * env.view(-1, 1, 1), d, n)
+                agg = part if agg is None else agg.add_(part)
+            if agg is None:
+                agg = torch.zeros_like(x)
+            x = self._node_update(x, agg)
+        with nvtx.annotate("egnn/edge_update"):
+            xn = exchange(self.node_norm(x))
+            for a, b in chunks:
+                D, rbf, env = edge_features(a, b)
+                s, d = src[a:b], dst[a:b]
+                u, _ = self.edge_msg(rot, D, xn.index_select(0, s), xn.index_select(0, d),
+                                     self.edge_norm(e[a:b]), rbf)
+                e[a:b] += u * env.view(-1, 1, 1)
         return x, e

@@ -1,0 +1,27 @@
+"""egnn train CONFIG.yaml [--resume CHECKPOINT] [--epochs N] [--json]"""
+from __future__ import annotations
+
+import json
+import os
+
+
+def add_arguments(p):
+    p.add_argument("config", help="YAML training config (see configs/)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue exactly from a checkpoint (last.pt)")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the final metrics")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from ..train import load_config, train_from_config
+
+    cfg = load_config(args.config)
+    if args.epochs:
+        cfg.train["epochs"] = args.epochs
+    result = train_from_config(cfg, resume=args.resume, progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"trained {result['epoch']} epochs; best checkpoint {os.path.join(cfg.output, 'best.pt')}")
+    return 0

@@ -1,0 +1,412 @@
+"""Training: config validation, output statistics, the L1 + L2 masked loss, the epoch loop with
+ReduceLROnPlateau, JSON-lines metrics, checkpoints (every N epochs, the best, exact resume).
+
+A training example is a `Sample`: one structure's graph and its coupled-basis targets with masks
+(built from DFT data by `egnn.dataset`). Several samples are joined into one disjoint graph per step.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .model import HamiltonianModel, ModelConfig
+
+__all__ = ["Sample", "TrainConfig", "collate", "masked_loss", "fit_output_stats", "Trainer", "load_config"]
+
+
+
+@dataclass
+class Sample:
+    """One structure: graph tensors and coupled-basis targets (eV) with padding masks.
+
+    For a Γ-only structure (image-summed H), `fold` maps every edge to its (dst, src) pair and
+    `fold_node` maps every node to its pair; targets are then per pair: the sum over images of the
+    edge blocks plus, for d == s, the node block. `fold` is None for real-space data.
+    """
+
+    name: str
+    species: torch.Tensor  # [N] long, index into basis.elements
+    src: torch.Tensor  # [E] long
+    dst: torch.Tensor  # [E] long, sorted
+    edge_vec: torch.Tensor  # [E, 3] float
+    node_target: torch.Tensor  # [N, K, Cn]
+    node_mask: torch.Tensor  # [N, K, Cn] bool
+    edge_target: torch.Tensor  # [E, K, Ce] (or [P, K, Ce] per pair when folded)
+    edge_mask: torch.Tensor
+    fold: torch.Tensor | None = None  # [E] pair id
+    fold_node: torch.Tensor | None = None  # [N] pair id of the (i, i) pair
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.species)
+
+
+def collate(samples: list[Sample]) -> Sample:
+    """Join structures into one disjoint graph (node and pair indices offset)."""
+    if len(samples) == 1:
+        return samples[0]
+    off_n, off_p, parts = 0, 0, {k: [] for k in ("species", "src", "dst", "edge_vec", "node_target", "node_mask",
+                                                 "edge_target", "edge_mask", "fold", "fold_node")}
+    folded = samples[0].fold is not None
+    for s in samples:
+        if (s.fold is not None) != folded:
+            raise ConfigError("cannot batch Γ-only (folded) and real-space structures together; use batch_size 1 "
+                              "or keep the datasets apart")
+        parts["species"].append(s.species)
+        parts["src"].append(s.src + off_n)
+        parts["dst"].append(s.dst + off_n)
+        for k in ("edge_vec", "node_target", "node_mask", "edge_target", "edge_mask"):
+            parts[k].append(getattr(s, k))
+        if folded:
+            parts["fold"].append(s.fold + off_p)
+            parts["fold_node"].append(s.fold_node + off_p)
+            off_p += len(s.edge_target)
+        off_n += s.num_nodes
+    cat = {k: torch.cat(v) for k, v in parts.items() if v}
+    return Sample(name="+".join(s.name for s in samples), fold=cat.pop("fold", None),
+                  fold_node=cat.pop("fold_node", None), **cat)
+
+
+def fold_edges(sample: Sample, node_out: torch.Tensor, edge_out: torch.Tensor) -> torch.Tensor:
+    """Per-pair Γ blocks: Σ over images of the edge outputs, plus the node block for i == i pairs."""
+    P, K, C = sample.edge_target.shape
+    out = edge_out.new_zeros(P, K, C).index_add_(0, sample.fold, edge_out)
+    node = torch.nn.functional.pad(node_out, (0, C - node_out.shape[2]))
+    return out.index_add_(0, sample.fold_node, node)
+
+
+def masked_loss(pred, target, mask, l1: float = 1.0, l2: float = 1.0):
+    """The seed's L1 + L2 loss over unpadded elements only (returns loss, sum|err|, count)."""
+    err = (pred - target)[mask]
+    n = max(err.numel(), 1)
+    abs_sum = err.abs().sum()
+    return l1 * abs_sum / n + l2 * err.square().sum() / n, abs_sum.detach(), err.numel()
+
+
+@torch.no_grad()
+def fit_output_stats(model: HamiltonianModel, samples: list[Sample]) -> None:
+    """Per-species mean of the L = 0 node targets, per-(L, channel) RMS of node/edge residuals: the
+    model then predicts O(1) numbers. Stats live in model buffers, so checkpoints carry them."""
+    S, L = model.num_species, model.L_max
+    row_L = model.row_L
+    Cn, Ce = model.node_shift.shape[1], model.edge_scale.shape[1]
+    shift_sum, shift_n = torch.zeros(S, Cn, dtype=torch.float64), torch.zeros(S, Cn, dtype=torch.float64)
+    for s in samples:
+        t, m = s.node_target[:, 0].double(), s.node_mask[:, 0].double()
+        shift_sum.index_add_(0, s.species, t * m)
+        shift_n.index_add_(0, s.species, m)
+    shift = shift_sum / shift_n.clamp(min=1)
+
+    def rms(pairs, C):
+        acc, n = torch.zeros(L + 1, C, dtype=torch.float64), torch.zeros(L + 1, C, dtype=torch.float64)
+        for t, m in pairs:
+            t2, md = (t.double() * m).square(), m.double()
+            acc.index_add_(0, row_L, t2.sum(0))
+            n.index_add_(0, row_L, md.sum(0))
+        return (acc / n.clamp(min=1)).sqrt().where(n > 0, torch.ones_like(acc)).clamp(min=1e-3)
+
+    node_res = []
+    for s in samples:
+        t = s.node_target.clone()
+        t[:, 0] -= shift[s.species].to(t.dtype)
+        node_res.append((t, s.node_mask))
+    model.node_shift.copy_(shift)
+    model.node_scale.copy_(rms(node_res, Cn))
+    model.edge_scale.copy_(rms([(s.edge_target, s.edge_mask) for s in samples if s.fold is None] or
+                               [(s.edge_target, s.edge_mask) for s in samples], Ce))
+
+
+# ----------------------------------------------------------------------------- config
+TRAIN_DEFAULTS = {
+    "epochs": 100, "lr": 3e-3, "weight_decay": 0.0, "batch_size": 1, "amp": "off", "seed": 0,
+    "checkpoint_every": 10, "lr_factor": 0.5, "lr_patience": 10, "min_lr": 1e-5, "l1": 1.0, "l2": 1.0,
+    "grad_clip": 10.0, "max_minutes": None, "device": "auto",
+}
+DATA_KEYS = {"train", "val", "r_cut", "cache"}
+TOP_KEYS = {"data", "model", "train", "output", "partition"}
+
+
+@dataclass
+class TrainConfig:
+    data: dict
+    model: dict
+    train: dict
+    output: str
+    partition: dict | None = None
+    source: str = ""
+
+    @property
+    def r_cut(self) -> float:
+        return float(self.data["r_cut"])
+
+
+def load_config(path_or_dict, base_dir: str | None = None) -> TrainConfig:
+    """Read and validate a YAML training config; every problem is a ConfigError naming the key."""
+    import yaml
+
+    if isinstance(path_or_dict, dict):
+        raw, where = copy.deepcopy(path_or_dict), "config"
+        base_dir = base_dir or os.getcwd()
+    else:
+        where = str(path_or_dict)
+        if not os.path.isfile(where):
+            raise ConfigError(f"{where}: config file not found")
+        with open(where) as f:
+            try:
+                raw = yaml.safe_load(f)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{where}: not valid YAML ({exc})") from None
+        base_dir = base_dir or os.path.dirname(os.path.abspath(where))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the config must be a mapping with keys {sorted(TOP_KEYS)}")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    for key in ("data", "output"):
+        if key not in raw:
+            raise ConfigError(f"{where}: missing required key '{key}'")
+    data = dict(raw["data"] or {})
+    unknown = set(data) - DATA_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) data.{sorted(unknown)}; allowed: {sorted(DATA_KEYS)}")
+    if "train" not in data or not data["train"]:
+        raise ConfigError(f"{where}: data.train must list CP2K run folders or converted datasets")
+    r_cut = data.setdefault("r_cut", 8.0)
+    if not isinstance(r_cut, (int, float)) or r_cut <= 0:
+        raise ConfigError(f"{where}: data.r_cut must be a positive number of Å, got {r_cut!r}")
+    for split in ("train", "val"):
+        paths = data.get(split) or []
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        data[split] = [_resolve(p, base_dir, where, f"data.{split}") for p in paths]
+    model = dict(raw.get("model") or {})
+    allowed_model = {f.name for f in dataclasses.fields(ModelConfig)} - {"basis", "r_cut"}
+    unknown = set(model) - allowed_model
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) model.{sorted(unknown)}; allowed: {sorted(allowed_model)}")
+    train = dict(TRAIN_DEFAULTS)
+    given = dict(raw.get("train") or {})
+    unknown = set(given) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) train.{sorted(unknown)}; allowed: {sorted(TRAIN_DEFAULTS)}")
+    train.update(given)
+    if train["amp"] not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"{where}: train.amp must be off, bf16 or fp16, got {train['amp']!r}")
+    for key in ("epochs", "batch_size", "checkpoint_every"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ConfigError(f"{where}: train.{key} must be a positive integer, got {train[key]!r}")
+    if not float(train["lr"]) > 0:
+        raise ConfigError(f"{where}: train.lr must be > 0")
+    output = raw["output"]
+    output = output if os.path.isabs(output) else os.path.join(base_dir, output)
+    return TrainConfig(data=data, model=model, train=train, output=output, partition=raw.get("partition"),
+                       source=where)
+
+
+def _resolve(path, base_dir, where, key):
+    import glob
+
+    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    hits = sorted(glob.glob(full)) if any(c in full for c in "*?[") else ([full] if os.path.exists(full) else [])
+    if not hits:
+        raise ConfigError(f"{where}: {key} entry {path!r} does not exist (looked at {full})")
+    return hits if len(hits) > 1 else hits[0]
+
+
+def flatten_paths(entries) -> list[str]:
+    out = []
+    for e in entries:
+        out.extend(e if isinstance(e, list) else [e])
+    return out
+
+
+# ----------------------------------------------------------------------------- trainer
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs epochs over `train` samples, validates on `val`, logs and checkpoints into `output`."""
+
+    def __init__(self, model: HamiltonianModel, train: list[Sample], val: list[Sample], cfg: dict, output: str,
+                 device=None, config_dict: dict | None = None, log=print):
+        self.model, self.train_set, self.val_set, self.cfg, self.output = model, train, val, cfg, output
+        self.device = device or pick_device(cfg.get("device", "auto"))
+        if cfg["amp"] == "fp16" and self.device.type == "cpu":
+            raise ConfigError("train.amp: fp16 needs a CUDA device; on CPU use bf16 or off")
+        self.model.to(self.device)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt, factor=cfg["lr_factor"], patience=cfg["lr_patience"], min_lr=cfg["min_lr"])
+        self.scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
+        self.epoch, self.best = 0, math.inf
+        self.config_dict = config_dict or {}
+        self.log = log
+        os.makedirs(output, exist_ok=True)
+
+    # -- one step
+    def _autocast(self):
+        if self.cfg["amp"] == "off":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.cfg["amp"] == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _to(self, s: Sample) -> Sample:
+        return Sample(**{f.name: (getattr(s, f.name).to(self.device) if torch.is_tensor(getattr(s, f.name))
+                                  else getattr(s, f.name)) for f in dataclasses.fields(Sample)})
+
+    def compute(self, s: Sample):
+        s = self._to(s)
+        with self._autocast():
+            node, edge = self.model(s.species, s.src, s.dst, s.edge_vec)
+        node, edge = node.float(), edge.float()
+        if s.fold is not None:
+            edge = fold_edges(s, node, edge)
+        l1, l2 = self.cfg["l1"], self.cfg["l2"]
+        ln, an, nn_ = masked_loss(node, s.node_target, s.node_mask, l1, l2)
+        le, ae, ne = masked_loss(edge, s.edge_target, s.edge_mask, l1, l2)
+        total = (ln * nn_ + le * ne) / max(nn_ + ne, 1)
+        return total, {"node_abs": an.item(), "node_n": nn_, "edge_abs": ae.item(), "edge_n": ne}
+
+    def batches(self, epoch: int):
+        g = torch.Generator().manual_seed(int(self.cfg["seed"]) * 100003 + epoch)  # resumable order
+        order = torch.randperm(len(self.train_set), generator=g).tolist()
+        bs = self.cfg["batch_size"]
+        return [collate([self.train_set[i] for i in order[k:k + bs]]) for k in range(0, len(order), bs)]
+
+    def train_epoch(self, epoch: int, progress: bool = True) -> dict:
+        from tqdm import tqdm
+
+        self.model.train()
+        tot, stats = 0.0, {"node_abs": 0.0, "node_n": 0, "edge_abs": 0.0, "edge_n": 0}
+        batches = self.batches(epoch)
+        for b in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
+            loss, st = self.compute(b)
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.opt)
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+            if self.scaler:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+            tot += loss.item()
+            for k in stats:
+                stats[k] += st[k]
+        return {"loss": tot / len(batches), **_maes(stats)}
+
+    @torch.no_grad()
+    def evaluate(self, samples) -> dict:
+        self.model.eval()
+        tot, stats = 0.0, {"node_abs": 0.0, "node_n": 0, "edge_abs": 0.0, "edge_n": 0}
+        for s in samples:
+            loss, st = self.compute(s)
+            tot += loss.item()
+            for k in stats:
+                stats[k] += st[k]
+        return {"loss": tot / max(len(samples), 1), **_maes(stats)}
+
+    def fit(self, epochs: int | None = None, progress: bool = True) -> dict:
+        epochs = epochs or self.cfg["epochs"]
+        t_start = time.time()
+        metrics_path = os.path.join(self.output, "metrics.jsonl")
+        last = {}
+        while self.epoch < epochs:
+            t0 = time.time()
+            epoch = self.epoch + 1
+            tr = self.train_epoch(epoch, progress)
+            va = self.evaluate(self.val_set) if self.val_set else tr
+            self.sched.step(va["loss"])
+            self.epoch = epoch
+            last = {"epoch": epoch, "train_loss": tr["loss"], "val_loss": va["loss"],
+                    "train_mae_meV": tr["mae_meV"], "val_mae_meV": va["mae_meV"],
+                    "val_node_mae_meV": va["node_mae_meV"], "val_edge_mae_meV": va["edge_mae_meV"],
+                    "train_node_mae_meV": tr["node_mae_meV"], "train_edge_mae_meV": tr["edge_mae_meV"],
+                    "lr": self.opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            if va["loss"] < self.best:
+                self.best = va["loss"]
+                self.save(os.path.join(self.output, "best.pt"))
+            if epoch % self.cfg["checkpoint_every"] == 0 or epoch == epochs:
+                self.save(os.path.join(self.output, "last.pt"))
+            if progress:
+                self.log(f"epoch {epoch:4d}  loss {tr['loss']:.4g}  val MAE {va['mae_meV']:.2f} meV "
+                         f"(node {va['node_mae_meV']:.2f}, edge {va['edge_mae_meV']:.2f})  lr {last['lr']:.2g}")
+            limit = self.cfg.get("max_minutes")
+            if limit and time.time() - t_start > 60 * float(limit):
+                self.save(os.path.join(self.output, "last.pt"))
+                break
+        return last
+
+    # -- checkpoints
+    def state(self) -> dict:
+        return {"format": "egnn-checkpoint-1", "model_config": self.model.config.to_dict(),
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "epoch": self.epoch, "best": self.best,
+                "train_config": self.cfg, "config": self.config_dict,
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)  # never a half-written checkpoint
+
+    def load(self, path: str) -> None:
+        ck = load_checkpoint(path)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        if self.scaler and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.epoch, self.best = ck["epoch"], ck["best"]
+
+
+def _maes(st: dict) -> dict:
+    n = st["node_n"] + st["edge_n"]
+    return {"mae_meV": 1000 * (st["node_abs"] + st["edge_abs"]) / max(n, 1),
+            "node_mae_meV": 1000 * st["node_abs"] / max(st["node_n"], 1),
+            "edge_mae_meV": 1000 * st["edge_abs"] / max(st["edge_n"], 1)}
+
+
+def load_checkpoint(path: str) -> dict:
+    from .errors import InputError
+
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise InputError(f"{path}: not a readable egnn checkpoint ({exc})") from None
+    if not isinstance(ck, dict) or ck.get("format") != "egnn-checkpoint-1":
+        raise InputError(f"{path}: not an egnn checkpoint (no 'format: egnn-checkpoint-1')")
+    return ck
+
+
+def model_from_checkpoint(path: str) -> HamiltonianModel:
+    ck = load_checkpoint(path)
+    model = HamiltonianModel(ModelConfig.from_dict(ck["model_config"]))
+    model.load_state_dict(ck["model"])
+    return model.eval()
