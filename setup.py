@@ -30,16 +30,18 @@ def extensions():
     want_cuda = os.environ.get("EGNN_FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and ce.CUDA_HOME is not None
     )
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std: torch.utils.cpp_extension picks the standard its headers need (C++17 up to torch 2.9,
+    # C++20 after). No -fopenmp: the CPU kernels use at::parallel_for, i.e. torch's own OpenMP
+    # runtime; linking libgomp here could load a second runtime next to the one torch bundles.
+    cxx = ["-O3"]
     extra = {"cxx": cxx}
     if want_cuda and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
         extra["cxx"] = cxx + ["-DEGNN_WITH_CUDA"]
-        extra["nvcc"] = ["-O3", "-std=c++17", "-DEGNN_WITH_CUDA", "--use_fast_math"]
-        ext = ce.CUDAExtension("egnn._C", sources + cuda_sources, extra_compile_args=extra,
-                               extra_link_args=["-fopenmp"])
+        extra["nvcc"] = ["-O3", "-DEGNN_WITH_CUDA"]
+        ext = ce.CUDAExtension("egnn._C", sources + cuda_sources, extra_compile_args=extra)
     else:
-        ext = ce.CppExtension("egnn._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+        ext = ce.CppExtension("egnn._C", sources, extra_compile_args=extra)
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 
 
