@@ -410,3 +410,90 @@ def model_from_checkpoint(path: str) -> HamiltonianModel:
     model = HamiltonianModel(ModelConfig.from_dict(ck["model_config"]))
     model.load_state_dict(ck["model"])
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- data -> samples
+def to_sample(x, dtype=torch.float32, name: str = "") -> Sample:
+    """A training Sample from an `egnn.dataset.Sample` (real-space / direct / folded targets)."""
+    g = x.graph
+    common = dict(name=name or os.path.basename(str(x.source)), species=x.species.long(),
+                  src=torch.from_numpy(g.src).long(), dst=torch.from_numpy(g.dst).long(),
+                  edge_vec=torch.from_numpy(g.vec).to(dtype), meta={"mode": x.mode, "source": x.source})
+    if x.mode == "folded":
+        Cn = x.pair_target.shape[2]
+        N, K = len(x.species), x.pair_target.shape[1]
+        return Sample(node_target=x.pair_target.new_zeros(N, K, Cn), node_mask=torch.zeros(N, K, Cn, dtype=torch.bool),
+                      edge_target=x.pair_target.to(dtype), edge_mask=x.pair_mask, fold=x.edge_fold.long(),
+                      fold_node=x.node_fold.long(), **common)
+    return Sample(node_target=x.node_target.to(dtype), node_mask=x.node_mask, edge_target=x.edge_target.to(dtype),
+                  edge_mask=x.edge_mask, **common)
+
+
+def open_datasets(paths: list[str], r_cut: float, cache_dir: str, min_coverage: float = 0.99):
+    """Each path is a converted dataset (manifest.json) or a CP2K run folder; run folders are converted
+    once into `cache_dir` (reused while sources and r_cut are unchanged). Returns [egnn.dataset.Dataset]."""
+    from . import dataset as ds_mod
+
+    datasets, runs = [], []
+    for p in paths:
+        (datasets if os.path.isfile(os.path.join(p, "manifest.json")) else runs).append(p)
+    out = [ds_mod.Dataset(p) for p in datasets]
+    if runs:
+        key = json.dumps({"sources": [os.path.abspath(r) for r in runs], "r_cut": r_cut}, sort_keys=True)
+        import hashlib
+
+        target = os.path.join(cache_dir, "dataset-" + hashlib.sha1(key.encode()).hexdigest()[:12])
+        if not os.path.isfile(os.path.join(target, "manifest.json")):
+            ds_mod.convert(runs, target, r_cut=r_cut, overlap=True, force=True)
+        out.append(ds_mod.Dataset(target))
+    for d in out:
+        if abs(d.r_cut - r_cut) > 1e-9:
+            raise ConfigError(f"{d.path}: converted with r_cut {d.r_cut} Å but the config asks data.r_cut {r_cut} Å; "
+                              "re-convert, or set data.r_cut to match")
+        cov = d.manifest["coverage"]["min_frobenius"]
+        if cov < min_coverage:
+            raise ConfigError(f"{d.path}: data.r_cut {r_cut} Å captures only {100 * cov:.2f} % of ‖H‖_F of some "
+                              f"structure (need ≥ {100 * min_coverage:.0f} %); raise data.r_cut (CP2K blocks reach "
+                              "9-13 Å)")
+    return out
+
+
+def load_samples(datasets, basis, dtype=torch.float32) -> list[Sample]:
+    out = []
+    for d in datasets:
+        if d.basis.to_dict()["shells"] != basis.to_dict()["shells"]:
+            raise ConfigError(f"{d.path}: its orbital basis {d.basis.shells} differs from the training basis "
+                              f"{basis.shells}; convert all data with the same basis sets")
+        d.dtype = dtype
+        for i in range(len(d)):
+            entry = d.manifest["structures"][i]
+            out.append(to_sample(d[i], dtype, name=os.path.basename(entry["source"].rstrip("/"))))
+    return out
+
+
+def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
+    """The whole `egnn train`: data, model, output statistics, epochs, checkpoints."""
+    seed_everything(int(cfg.train["seed"]))
+    cache = cfg.data.get("cache") or os.path.join(cfg.output, "cache")
+    train_ds = open_datasets(flatten_paths(cfg.data["train"]), cfg.r_cut, cache)
+    val_ds = open_datasets(flatten_paths(cfg.data["val"]), cfg.r_cut, cache) if cfg.data["val"] else []
+    basis = train_ds[0].basis
+    mcfg = ModelConfig.from_dict({**cfg.model, "basis": basis, "r_cut": cfg.r_cut})
+    train, val = load_samples(train_ds, basis), load_samples(val_ds, basis)
+    model = HamiltonianModel(mcfg)
+    config_dict = {"data": cfg.data, "model": cfg.model, "train": cfg.train, "output": cfg.output,
+                   "partition": cfg.partition}
+    trainer_cls = Trainer
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed import DistributedTrainer as trainer_cls  # noqa: N813
+    trainer = trainer_cls(model, train, val, cfg.train, cfg.output, config_dict=config_dict)
+    if resume:
+        trainer.load(resume)
+    else:
+        fit_output_stats(model, train)
+        with open(os.path.join(cfg.output, "config.json"), "w") as f:
+            json.dump({**config_dict, "model_config": mcfg.to_dict()}, f, indent=1)
+    t0 = time.time()
+    last = trainer.fit(progress=progress)
+    return {**last, "best_val_loss": trainer.best, "train_structures": len(train), "val_structures": len(val),
+            "wall_s": time.time() - t0, "output": cfg.output}
