@@ -97,7 +97,7 @@ def _like(W, x):
     if isinstance(x, np.ndarray):
         return W.astype(x.dtype, copy=False)
     import torch
-    return torch.as_tensor(W, dtype=x.dtype, device=x.device)
+    return torch.tensor(np.array(W), dtype=x.dtype, device=x.device)
 
 
 def to_coupled(blocks, a, b, basis, width: int | None = None):
@@ -145,7 +145,7 @@ def compact_to_padded(compact, pair_id, pairs, basis, width):
         out[mask] = compact
         return out, mask
     import torch
-    mask = torch.as_tensor(masks, device=compact.device)[torch.as_tensor(pair_id, device=compact.device).long()]
+    mask = torch.from_numpy(np.array(masks)).to(compact.device)[torch.as_tensor(pair_id, device=compact.device).long()]
     out = compact.new_zeros(mask.shape)
     out[mask] = compact
     return out, mask
