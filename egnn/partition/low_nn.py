@@ -103,13 +103,21 @@ def low_nn(positions, cell, pbc, degree, nparts: int, r_cut: float) -> np.ndarra
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
     frame, width = partition_frame(cell, pbc)
 
-    u = pos @ np.linalg.inv(frame)
+    inv = np.linalg.inv(frame)
+    u = pos[:, :1] * inv[0] + pos[:, 1:2] * inv[1] + pos[:, 2:] * inv[2]  # no BLAS threads for 3x3
     u[:, pbc] = np.mod(u[:, pbc], 1.0)
     u[:, pbc] = np.where(u[:, pbc] >= 1.0, 0.0, u[:, pbc])  # mod can round up to 1.0
 
+    # rank of every atom along each axis, ties by atom id: one integer sort key per level below
+    rank = np.empty((n, 3), dtype=np.int64)
+    for d in range(3):
+        rank[np.argsort(u[:, d], kind="stable"), d] = np.arange(n)
+
     parts = np.empty(n, dtype=np.int64)
-    # active atoms, kept grouped by domain (domains in increasing id order)
+    # active atoms, kept grouped by domain (domains in increasing id order), with their
+    # coordinates, axis ranks and weights carried along in the same order (cache-friendly gathers)
     atoms = np.arange(n)
+    ua, ra, wa = u, rank, deg
     dom = np.zeros(n, dtype=np.int64)
     first = np.array([0])
     k = np.array([nparts])
@@ -123,14 +131,14 @@ def low_nn(positions, cell, pbc, degree, nparts: int, r_cut: float) -> np.ndarra
             parts[atoms[leaf]] = first[dom[leaf]]
             keep_dom = k > 1
             renum = np.cumsum(keep_dom) - 1
-            atoms, dom = atoms[~leaf], renum[dom[~leaf]]
+            keep = ~leaf
+            atoms, dom, ua, ra, wa = atoms[keep], renum[dom[keep]], ua[keep], ra[keep], wa[keep]
             first, k, lo, hi, cut = first[keep_dom], k[keep_dom], lo[keep_dom], hi[keep_dom], cut[keep_dom]
             if not len(atoms):
                 break
         ndom = len(k)
         starts = np.flatnonzero(np.r_[True, dom[1:] != dom[:-1]])
         counts = np.diff(np.r_[starts, len(atoms)])
-        ua = u[atoms]
 
         # neighbours a cut along d would create; axes where the atoms do not spread are skipped
         spread = np.maximum.reduceat(ua, starts, axis=0) - np.minimum.reduceat(ua, starts, axis=0)
@@ -141,10 +149,12 @@ def low_nn(positions, cell, pbc, degree, nparts: int, r_cut: float) -> np.ndarra
         nn = np.where(spread > 0, nn, np.inf)
         axis = 2 - np.argmin(nn[:, ::-1], axis=1)  # ties to the larger index
 
-        coord = ua[np.arange(len(atoms)), axis[dom]]
-        order = np.lexsort((atoms, coord, dom))  # stable and order-independent within ties
-        atoms, coord = atoms[order], coord[order]  # dom stays as is: grouping is unchanged
-        w = deg[atoms]
+        ax_atom = axis[dom][:, None]
+        order = np.argsort(dom * n + np.take_along_axis(ra, ax_atom, 1)[:, 0], kind="stable")  # unique keys
+        # dom stays as is: sorting within domains keeps the grouping
+        atoms, ua, ra, wa = atoms[order], ua[order], ra[order], wa[order]
+        coord = np.take_along_axis(ua, ax_atom, 1)[:, 0]
+        w = wa
         cum = np.cumsum(w)
         base = np.r_[0.0, cum][starts]
         total = np.add.reduceat(w, starts)
@@ -161,8 +171,8 @@ def low_nn(positions, cell, pbc, degree, nparts: int, r_cut: float) -> np.ndarra
         tie = np.where(score == best[dom], np.abs(m - counts[dom] * kl[dom] / k[dom]), np.inf)
         best2 = np.minimum.reduceat(tie, starts)
         hit = np.flatnonzero(tie == best2[dom])
-        _, firsthit = np.unique(dom[hit], return_index=True)
-        m_left = m[hit[firsthit]]  # one per domain, in domain order
+        dh = dom[hit]
+        m_left = m[hit[np.r_[True, dh[1:] != dh[:-1]]]]  # first best cut of each domain, in order
 
         # children: left = 2i, right = 2i + 1 (keeps atoms grouped in increasing id order)
         right = j >= m_left[dom]
@@ -172,6 +182,13 @@ def low_nn(positions, cell, pbc, degree, nparts: int, r_cut: float) -> np.ndarra
         hi2 = np.repeat(hi, 2, axis=0)
         hi2[2 * rows, axis] = c
         lo2[2 * rows + 1, axis] = c
+        # the first cut of a periodic axis cuts the ring twice: at c and in the middle of the gap
+        # across the wrap, so both halves get their true widths [w - 1, c) and [c, w)
+        ring = pbc[axis] & ~cut[rows, axis]
+        if ring.any():
+            w = 0.5 * (coord[starts + counts - 1] + coord[starts] + 1.0)
+            lo2[2 * rows[ring], axis[ring]] = w[ring] - 1.0
+            hi2[2 * rows[ring] + 1, axis[ring]] = w[ring]
         cut2 = np.repeat(cut, 2, axis=0)
         cut2[2 * rows, axis] = True
         cut2[2 * rows + 1, axis] = True
