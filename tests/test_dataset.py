@@ -69,9 +69,12 @@ def test_loader_folded_gamma(ds_path):
 def test_convert_refuses_existing_and_mixed_basis(ds_path, tmp_path):
     with pytest.raises(EgnnError, match="exists"):
         convert(RUNS[:1], ds_path)
+    from egnn.basis import OrbitalBasis
+    from egnn.dataset import _union_basis
     with pytest.raises(EgnnError, match="different shells"):
-        convert([RUNS[2], os.path.join(FIX, "si2_prim_dzvp"), os.path.join(FIX, "gete_rs8_rattled_s0003"),
-                 os.path.join(FIX, "h2o_box6_szv")], str(tmp_path / "x"))
+        _union_basis([OrbitalBasis.explicit({"O": "sp"}), OrbitalBasis.explicit({"O": "ssppd"})])
+    with pytest.raises(EgnnError, match="not a directory|neither"):
+        convert([RUNS[0], str(tmp_path / "missing")], str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
 
 
