@@ -353,3 +353,8 @@ def test_halo_sets_layout():
         assert (o != r).all()
         assert (np.lexsort((a, o)) == np.arange(len(a))).all()  # sorted by (owner, atom)
         np.testing.assert_array_equal(hs.neighbours(r), np.unique(o))
+    for q in range(4):  # what q sends to r is exactly r's receive run from q
+        sends = hs.sends(q)
+        assert sorted(sends) == [r for r in range(4) if q in hs.by_owner(r)]
+        for r, a in sends.items():
+            np.testing.assert_array_equal(a, hs.by_owner(r)[q])

@@ -4,16 +4,17 @@ The goal is not a minimum edge cut but few neighbour ranks per rank (each neighb
 buffer and a send/recv posting) with balanced edge counts. At every level each domain is cut along
 the dimension that creates the fewest new neighbours, NN[d] = ceil(2 r_cut / L[d]) with L[d] the
 domain's width along d; the first cut of a periodic axis counts 1, because with two pieces on a
-ring the piece across the cut and the piece across the wrap are the same rank. Ties go to the
-larger index. The cut sits where the degree sum (the edge-load proxy) left matches the share of
-parts that go left, so k parts split into floor(k/2) and ceil(k/2) for any k, not just 2^l.
+ring the piece across the cut and the piece across the wrap are the same rank (that cut also
+splits the ring in the middle of the gap across the wrap, so both halves get their true widths).
+Ties go to the larger index. The cut sits where the degree sum (the edge-load proxy) left matches
+the share of parts that go left, so k parts split into floor(k/2) and ceil(k/2) for any k.
 
 Periodic axes are cut in fractional coordinates along the cell vectors (so triclinic cells work,
 and widths are plane spacings); non-periodic axes use Cartesian distance along a unit direction
 orthogonal to the periodic vectors, over the atoms' extent.
 
-All domains of a level are processed together with one lexsort, so 24,000 atoms into 128 parts
-take a few milliseconds.
+All domains of a level are processed together with one integer argsort, so 24,000 atoms into 128
+parts take tens of milliseconds at most.
 """
 from __future__ import annotations
 
@@ -154,10 +155,9 @@ def low_nn(positions, cell, pbc, degree, nparts: int, r_cut: float) -> np.ndarra
         # dom stays as is: sorting within domains keeps the grouping
         atoms, ua, ra, wa = atoms[order], ua[order], ra[order], wa[order]
         coord = np.take_along_axis(ua, ax_atom, 1)[:, 0]
-        w = wa
-        cum = np.cumsum(w)
+        cum = np.cumsum(wa)
         base = np.r_[0.0, cum][starts]
-        total = np.add.reduceat(w, starts)
+        total = np.add.reduceat(wa, starts)
         kl = k // 2
         kr = k - kl
         target = total * kl / k
@@ -183,12 +183,12 @@ def low_nn(positions, cell, pbc, degree, nparts: int, r_cut: float) -> np.ndarra
         hi2[2 * rows, axis] = c
         lo2[2 * rows + 1, axis] = c
         # the first cut of a periodic axis cuts the ring twice: at c and in the middle of the gap
-        # across the wrap, so both halves get their true widths [w - 1, c) and [c, w)
+        # across the wrap, so both halves get their true widths [wrap - 1, c) and [c, wrap)
         ring = pbc[axis] & ~cut[rows, axis]
         if ring.any():
-            w = 0.5 * (coord[starts + counts - 1] + coord[starts] + 1.0)
-            lo2[2 * rows[ring], axis[ring]] = w[ring] - 1.0
-            hi2[2 * rows[ring] + 1, axis[ring]] = w[ring]
+            wrap = 0.5 * (coord[starts + counts - 1] + coord[starts] + 1.0)
+            lo2[2 * rows[ring], axis[ring]] = wrap[ring] - 1.0
+            hi2[2 * rows[ring] + 1, axis[ring]] = wrap[ring]
         cut2 = np.repeat(cut, 2, axis=0)
         cut2[2 * rows, axis] = True
         cut2[2 * rows + 1, axis] = True

@@ -12,6 +12,9 @@ Definitions (shared with the distributed halo plans in egnn.comm, so keep them h
   edge has its reverse) both sets are equal, but the counts of atoms sent and received differ.
 - Bytes: one halo atom is one row of the node embedding, (lmax+1)^2 * C values per layer.
 
+`halo_sets` returns all of it in one CSR layout (HaloSets): rank r's halo sorted by (owner, atom),
+`by_owner(r)` its receive runs, `sends(q)` what q packs for each receiver, in the same order.
+
 Everything is vectorised over edges and can be fed edge chunks, so 10^8-edge graphs never need
 one contiguous edge array (see `tiled_edge_chunks`).
 """
@@ -98,6 +101,14 @@ class HaloSets:
         own = self.owners_of(r)
         cuts = np.flatnonzero(np.diff(own)) + 1
         return {int(o[0]): a for o, a in zip(np.split(own, cuts), np.split(self[r], cuts))} if len(own) else {}
+
+    def sends(self, q: int) -> dict[int, np.ndarray]:
+        """{receiving rank r: sorted atoms q owns that are in r's halo}: what q packs for each r,
+        in the same order as r's receive run from q."""
+        idx = np.flatnonzero(self.owners == q)
+        rank = np.searchsorted(self.ptr, idx, side="right") - 1
+        cuts = np.flatnonzero(np.diff(rank)) + 1
+        return {int(r[0]): self.atoms[i] for r, i in zip(np.split(rank, cuts), np.split(idx, cuts))} if len(idx) else {}
 
     def as_list(self) -> list[np.ndarray]:
         return [self[r] for r in range(self.nparts)]
