@@ -116,7 +116,7 @@ def to_coupled(blocks, a, b, basis, width: int | None = None):
                                                                     (K, _grid(basis), width)).copy()
     import torch
     out = blocks.new_zeros((K, G))
-    out[:, torch.as_tensor(target, device=blocks.device)] = comp
+    out[:, torch.tensor(np.array(target), device=blocks.device)] = comp
     m = torch.as_tensor(mask.reshape(_grid(basis), width), device=blocks.device)
     return out.reshape(K, _grid(basis), width), m.expand(K, -1, -1).clone()
 
