@@ -1,8 +1,14 @@
-"""Attention-weighted aggregation of edge messages onto their destination nodes."""
+"""Attention-weighted aggregation of edge messages onto their destination nodes.
+
+`backend="auto" | "triton" | "torch"` (egnn.nn.backend): the Triton kernel (edges sorted by dst,
+one program per destination segment, no atomics) on CUDA, this file's PyTorch code on CPU.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import backend as _backend
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,11 +34,15 @@ class AttentionAggregation(nn.Module):
     back to the values' dtype. Nodes without incoming edges get zeros.
     """
 
-    def __init__(self, num_heads: int):
+    def __init__(self, num_heads: int, backend: str = "auto"):
         super().__init__()
         self.num_heads = num_heads
+        self.backend = _backend.check_backend(backend)
 
     def forward(self, logits: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, num_nodes: int):
+        if _backend.resolve(self.backend, values.device) == "triton":
+            from ..kernels import attention_aggregate
+            return attention_aggregate(values, logits, dst, num_nodes, backend="triton")
         E, K, C = values.shape
         H = self.num_heads
         acc = _acc_dtype(values.dtype)

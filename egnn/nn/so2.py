@@ -4,6 +4,9 @@ In the edge frame (edge direction on +Y) a rotation about the edge axis turns ea
 every degree l by the angle m·phi, so a linear map that commutes with it may mix degrees but
 only within one m: a plain matrix on the m = 0 rows, and [[W1, -W2], [W2, W1]] on each ±m pair.
 That is the SO(2) linear; everything here is in the m-major row order of `so3.l_to_m_major`.
+
+Every layer takes `backend="auto" | "triton" | "torch"` (egnn.nn.backend): "auto" runs the Triton
+kernels of egnn.kernels on CUDA and this file's PyTorch code (the oracle) on CPU.
 """
 from __future__ import annotations
 
@@ -14,6 +17,34 @@ from torch import nn
 
 from .. import so3
 from ..errors import InputError
+from . import backend as _backend
+
+
+class EdgeFrame(list):
+    """The per-l Wigner-D blocks of a set of edges (a list, as before) that also carries the edge
+    vectors, so the Triton path can rebuild D inside its kernels instead of reading it. On the
+    Triton backend the blocks are only computed if something indexes them."""
+
+    def __init__(self, edge_vec: torch.Tensor, lmax: int, lazy: bool):
+        super().__init__([] if lazy else so3.wigner_D(edge_vec, lmax))
+        self.edge_vec, self.lmax, self._lazy = edge_vec, lmax, lazy
+
+    def _fill(self):
+        if self._lazy:
+            self._lazy = False
+            super().extend(so3.wigner_D(self.edge_vec, self.lmax))
+
+    def __getitem__(self, i):
+        self._fill()
+        return super().__getitem__(i)
+
+    def __len__(self):
+        self._fill()
+        return super().__len__()
+
+    def __iter__(self):
+        self._fill()
+        return super().__iter__()
 
 
 def check_degrees(lmax: int, mmax: int) -> None:
@@ -29,11 +60,11 @@ class EdgeRotation(nn.Module):
     rows with |m| > mmax dropped; `from_edge(y, D)` is its transpose (dropped rows come back as 0).
     """
 
-    def __init__(self, lmax: int, mmax: int | None = None):
+    def __init__(self, lmax: int, mmax: int | None = None, backend: str = "auto"):
         super().__init__()
         mmax = lmax if mmax is None else mmax
         check_degrees(lmax, mmax)
-        self.lmax, self.mmax = lmax, mmax
+        self.lmax, self.mmax, self.backend = lmax, mmax, _backend.check_backend(backend)
         perm = so3.l_to_m_major(lmax, mmax)
         self.register_buffer("perm", perm, persistent=False)
         inv = torch.full(((lmax + 1) ** 2,), len(perm), dtype=torch.long)  # dropped rows -> zero row
@@ -44,13 +75,30 @@ class EdgeRotation(nn.Module):
     def num_rows(self) -> int:
         return len(self.perm)
 
+    def _triton(self, t: torch.Tensor, D) -> bool:
+        edge_vec = getattr(D, "edge_vec", None)
+        if edge_vec is None:
+            return False
+        grad = edge_vec.requires_grad and torch.is_grad_enabled()
+        return _backend.resolve(self.backend, t.device, self.lmax, grad) == "triton"
+
     def wigner(self, edge_vec: torch.Tensor) -> list[torch.Tensor]:
-        return so3.wigner_D(edge_vec, self.lmax)
+        """The per-l blocks (an `EdgeFrame`: a list that also holds edge_vec)."""
+        lazy = _backend.resolve(self.backend, edge_vec.device, self.lmax) == "triton"
+        if lazy:
+            so3._check_vectors(edge_vec)
+        return EdgeFrame(edge_vec, self.lmax, lazy)
 
     def to_edge(self, x: torch.Tensor, D: list[torch.Tensor]) -> torch.Tensor:
+        if self._triton(x, D):
+            from ..kernels import rotate_to_edge
+            return rotate_to_edge(None, x, None, None, D.edge_vec, self.lmax, self.mmax, backend="triton")
         return so3.rotate(x, D).index_select(1, self.perm)
 
     def from_edge(self, y: torch.Tensor, D: list[torch.Tensor]) -> torch.Tensor:
+        if self._triton(y, D):
+            from ..kernels import rotate_back
+            return rotate_back(y, D.edge_vec, self.lmax, self.mmax, backend="triton")
         y = torch.cat([y, y.new_zeros(y.shape[0], 1, y.shape[2])], dim=1).index_select(1, self.inv_perm)
         return so3.rotate_back(y, D)
 
@@ -63,10 +111,11 @@ class SO2Linear(nn.Module):
     the radial (distance) modulation of eSCN.
     """
 
-    def __init__(self, lmax: int, mmax: int, in_channels: int, out_channels: int, extra_scalars: int = 0):
+    def __init__(self, lmax: int, mmax: int, in_channels: int, out_channels: int, extra_scalars: int = 0,
+                 backend: str = "auto"):
         super().__init__()
         check_degrees(lmax, mmax)
-        self.lmax, self.mmax = lmax, mmax
+        self.lmax, self.mmax, self.backend = lmax, mmax, _backend.check_backend(backend)
         self.cin, self.cout, self.extra = in_channels, out_channels, extra_scalars
         self.sizes = so3.m_major_sizes(lmax, mmax)  # number of l per m
         n0 = self.sizes[0]
@@ -79,6 +128,10 @@ class SO2Linear(nn.Module):
             self.m0.weight.mul_(1.0 / math.sqrt(2.0))
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None):
+        if _backend.resolve(self.backend, x.device, self.lmax) == "triton":
+            from ..kernels import so2_linear
+            return so2_linear(x, scale, self.m0.weight, self.m0.bias, list(self.w), self.lmax, self.mmax, self.cout,
+                              backend="triton")
         if scale is not None:
             x = x * scale
         E = x.shape[0]
@@ -106,14 +159,15 @@ class SO2Convolution(nn.Module):
     (hidden -> C_out). Returns (m-major output, the extra invariant scalars)."""
 
     def __init__(self, lmax: int, mmax: int, in_channels: int, hidden: int, out_channels: int,
-                 extra_scalars: int = 0):
+                 extra_scalars: int = 0, backend: str = "auto"):
         super().__init__()
         from .activation import GateActivation
 
         self.gate = GateActivation(m_major_degrees(lmax, mmax), lmax, hidden)
         self.extra = extra_scalars
-        self.lin1 = SO2Linear(lmax, mmax, in_channels, hidden, extra_scalars=self.gate.num_gates + extra_scalars)
-        self.lin2 = SO2Linear(lmax, mmax, hidden, out_channels)
+        self.lin1 = SO2Linear(lmax, mmax, in_channels, hidden, extra_scalars=self.gate.num_gates + extra_scalars,
+                              backend=backend)
+        self.lin2 = SO2Linear(lmax, mmax, hidden, out_channels, backend=backend)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None):
         h, s = self.lin1(x, scale)

@@ -1,0 +1,95 @@
+"""The fused, memory-lean interaction layer: same parameters as `InteractionLayer`, fused ops.
+
+Per message it runs egnn.kernels' rotate_to_edge (gather [x_src | x_dst | e] + Wigner-D rebuilt
+from the edge vector + l->m-major, one kernel), the SO(2) convolution (SO2Linear kernels), and
+attention_aggregate with the rotation back fused in. Autograd is memory-lean: each message pass
+is one recompute region that saves only its inputs (node rows, the normalised edge embedding,
+rbf, envelope, edge vectors, indices), so no per-edge intermediate (gathered message, D, hidden
+activations) lives between forward and backward; backward recomputes them.
+
+`FusedInteractionLayer` subclasses `InteractionLayer` (identical state dict) and its forward takes
+the same arguments; the edge vectors come from `D` when it is the `EdgeFrame` that
+`EdgeRotation.wigner` returns, or from `edge_vec=`.
+"""
+from __future__ import annotations
+
+import nvtx
+import torch
+
+from .. import kernels
+from ..errors import InputError
+from . import backend as _backend
+from .layers import InteractionLayer, _identity
+
+
+class _Recompute(torch.autograd.Function):
+    """Checkpoint that saves the region's tensor inputs (through save_for_backward, so
+    saved_tensors_hooks see them) and reruns `run` under grad in backward."""
+
+    @staticmethod
+    def forward(ctx, run, n_in, *args):
+        ctx.run, ctx.n_in, ctx.params = run, n_in, args[n_in:]
+        ctx.save_for_backward(*args[:n_in])
+        with torch.no_grad():
+            return run(*args[:n_in])
+
+    @staticmethod
+    def backward(ctx, grad):
+        ins = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = ctx.run(*ins)
+        wanted = [t for t in list(ins) + list(ctx.params) if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True)) if wanted else iter(())
+        res = [next(grads) if t.requires_grad else None for t in list(ins) + list(ctx.params)]
+        return (None, None, *res)
+
+
+def recompute(run, inputs, params):
+    params = [p for p in params if p.requires_grad]
+    if not torch.is_grad_enabled():
+        return run(*inputs)
+    return _Recompute.apply(run, len(inputs), *inputs, *params)
+
+
+class FusedInteractionLayer(InteractionLayer):
+    def __init__(self, lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels=32, backend: str = "auto"):
+        super().__init__(lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels)
+        self.lmax, self.mmax = lmax, mmax
+        self.backend = _backend.check_backend(backend)
+        for m in self.modules():  # the SO(2) linears inside the convolutions follow this layer
+            if m is not self and hasattr(m, "backend"):
+                m.backend = self.backend
+
+    def _node_messages(self, n, xn, en, rbf, envelope, src, dst, edge_vec):
+        blk = self.node_msg
+        h = kernels.rotate_to_edge(xn, en, src, dst, edge_vec, self.lmax, self.mmax, backend=self.backend)
+        y, extra = blk.conv(h, blk.radial(rbf).unsqueeze(1))
+        with nvtx.annotate("egnn/aggregate"):
+            return kernels.attention_aggregate(y * envelope.view(-1, 1, 1).to(y.dtype), self.alpha(extra), dst, n,
+                                               edge_vec, self.lmax, self.mmax, backend=self.backend)
+
+    def _edge_messages(self, xn, en, rbf, src, dst, edge_vec):
+        blk = self.edge_msg
+        h = kernels.rotate_to_edge(xn, en, src, dst, edge_vec, self.lmax, self.mmax, backend=self.backend)
+        y, _ = blk.conv(h, blk.radial(rbf).unsqueeze(1))
+        return kernels.rotate_back(y, edge_vec, self.lmax, self.mmax, backend=self.backend)
+
+    def forward(self, x, e, src, dst, rot, D, rbf, envelope, exchange=_identity, edge_vec=None):
+        edge_vec = edge_vec if edge_vec is not None else getattr(D, "edge_vec", None)
+        if edge_vec is None:
+            raise InputError("FusedInteractionLayer: no edge vectors; pass D from EdgeRotation.wigner(edge_vec) "
+                             "(an EdgeFrame) or edge_vec=")
+        edge_vec = edge_vec.detach()  # the kernels rebuild D from it; no force gradients on this path
+        n = x.shape[0]
+        with nvtx.annotate("egnn/node_update"):
+            xn = exchange(self.node_norm(x))
+            en = self.edge_norm(e)
+            agg = recompute(lambda *a: self._node_messages(n, *a), (xn, en, rbf, envelope, src, dst, edge_vec),
+                            list(self.node_msg.parameters()) + list(self.alpha.parameters()))
+            x = x + self.node_proj(agg)
+            x = x + self.ffn(self.ffn_norm(x))
+        with nvtx.annotate("egnn/edge_update"):
+            xn = exchange(self.node_norm(x))
+            u = recompute(self._edge_messages, (xn, en, rbf, src, dst, edge_vec), list(self.edge_msg.parameters()))
+            e = e + u * envelope.view(-1, 1, 1)
+        return x, e
