@@ -38,6 +38,16 @@ def structure():
     return radius_graph(atoms, 3.5)
 
 
+def two_clusters():
+    """Two far-apart open clusters of 4 atoms (no edge joins them)."""
+    from ase import Atoms
+
+    from egnn.graph import radius_graph
+
+    a = np.array([[0, 0, 0], [1.5, 0, 0], [0, 1.5, 0], [0, 0, 1.5]], dtype=float)
+    return radius_graph(Atoms("SiCSiC" + "SiCSiC", positions=np.concatenate([a, a + 20.0]), pbc=False), 2.5)
+
+
 def make_model(dtype, seed=0):
     from egnn.basis import OrbitalBasis
     from egnn.model import HamiltonianModel, ModelConfig
@@ -60,7 +70,7 @@ def _rel(a, b) -> float:
 _REF = {}
 
 
-def _check_model(graph, parts, group, dtype) -> dict:
+def _check_model(graph, parts, group, dtype, name="sic") -> dict:
     """Outputs and all parameter gradients of the distributed model vs the single-process model,
     for the loss sum(W * outputs) with fixed random weights W."""
     import torch.distributed as dist
@@ -72,15 +82,15 @@ def _check_model(graph, parts, group, dtype) -> dict:
     m = make_model(dtype)
     sp = torch.as_tensor(m.basis.species_index(graph.numbers))
     vec = torch.as_tensor(graph.vec, dtype=dtype)
-    if dtype not in _REF:  # the single-process reference does not depend on the partition
+    if (name, dtype) not in _REF:  # the single-process reference does not depend on the partition
         node, edge = m(sp, torch.as_tensor(graph.src), torch.as_tensor(graph.dst), vec)
         gen = torch.Generator().manual_seed(11)
         wn = torch.randn(node.shape, generator=gen, dtype=torch.float64).to(dtype)
         we = torch.randn(edge.shape, generator=gen, dtype=torch.float64).to(dtype)
         ((node * wn).sum() + (edge * we).sum()).backward()
-        _REF[dtype] = (node.detach(), edge.detach(), wn, we, {n: p.grad.clone() for n, p in m.named_parameters()})
+        _REF[name, dtype] = (node.detach(), edge.detach(), wn, we, {n: p.grad.clone() for n, p in m.named_parameters()})
         m.zero_grad(set_to_none=True)
-    node, edge, wn, we, ref = _REF[dtype]
+    node, edge, wn, we, ref = _REF[name, dtype]
 
     plan = HaloPlan.build(graph, parts, rank, size)
     ln, le = m(*local_inputs(plan, sp, vec), exchange=HaloExchange(plan, "torch", group))
@@ -91,7 +101,7 @@ def _check_model(graph, parts, group, dtype) -> dict:
     # relative per parameter; a parameter whose exact gradient is zero (the attention-logit bias:
     # softmax ignores a shift) holds rounding noise only, so it is measured against the largest
     # gradient instead of against itself
-    ref64 = _REF[torch.float64][4]
+    ref64 = _REF[name, torch.float64][4]
     top = max(float(g.abs().max()) for g in ref64.values())
     zero = {n for n, g in ref64.items() if float(g.abs().max()) < 1e-9 * top}
     assert len(zero) < len(ref64) // 4
@@ -197,6 +207,9 @@ def _worker(rank, world_size, port, outdir, port2=None):
             rec[f"_t{w}trainer"] = time.time()
             for folded in ((False, True) if w == 3 else (False,)):
                 rec[f"{w}/trainer/{folded}"] = _check_trainer(graph, g, outdir, folded)
+            if w == 3:  # cluster A over ranks 0 and 1; rank 2 owns cluster B: no halo, nothing to send
+                rec["3/nohalo"] = _check_model(two_clusters(), np.array([0, 0, 1, 1, 2, 2, 2, 2]), g,
+                                               torch.float64, "clusters")
             # a plan made for another world size is refused before any communication
             other = build_plans(graph, partition(graph, w + 1, "linear"), w + 1)[rank]
             try:
@@ -283,6 +296,13 @@ def test_forward_and_gradients_match_single_process(records, w, method):
         assert rec["halo"] > 0
         assert rec["node"] <= 1e-10 and rec["edge"] <= 1e-10, rec
         assert rec["grad"] <= 1e-10, rec
+
+
+def test_rank_without_halo(records):
+    recs = [records[r]["3/nohalo"] for r in range(3)]
+    assert recs[2]["halo"] == 0 and recs[0]["halo"] > 0
+    for rec in recs:
+        assert max(rec["node"], rec["edge"], rec["grad"]) <= 1e-10, rec
 
 
 @pytest.mark.parametrize("w", WORLDS)
