@@ -23,15 +23,17 @@ def extensions():
         return [], {}
     from torch.utils import cpp_extension as ce
 
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    # *_cuda.cpp files hold the CUDA ops' host glue (they include CUDA headers): CUDA builds only.
+    cuda_glue = sorted(glob.glob("csrc/*_cuda.cpp"))
+    sources = [s for s in sorted(glob.glob("csrc/*.cpp")) if s not in cuda_glue]
+    cuda_sources = cuda_glue + sorted(glob.glob("csrc/*.cu"))
     import torch
 
     want_cuda = os.environ.get("EGNN_FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and ce.CUDA_HOME is not None
     )
-    # No -std: torch.utils.cpp_extension picks the standard its headers need (C++17 up to torch 2.9,
-    # C++20 after). No -fopenmp: the CPU kernels use at::parallel_for, i.e. torch's own OpenMP
+    # No -std: torch.utils.cpp_extension picks the standard its own headers need (C++17 in older
+    # releases, C++20 in newer ones). No -fopenmp: the CPU kernels use at::parallel_for, i.e. torch's own OpenMP
     # runtime; linking libgomp here could load a second runtime next to the one torch bundles.
     cxx = ["-O3"]
     extra = {"cxx": cxx}

@@ -1,40 +1,30 @@
-// CUDA kernels of the egnn halo ops (schemas and CPU kernels: halo.cpp).
+// CUDA kernels of the egnn halo ops (tensor glue and registration: halo_cuda.cpp).
 //
-// pack / unpack are flat copies: thread t moves 16-byte vector t of the output (the widest of
-// 16/8/4/2/1 bytes that divides the row size and the pointers' alignment), so every warp reads and
-// writes consecutive 16-byte words of a row; one launch covers all neighbours (the send index is one
-// concatenated list). Scatter-add uses one thread block per distinct target row with the CSR of its
-// sources (no atomics, fixed order: deterministic), accumulating in fp32 for half types.
-//
-// Only light headers (no ATen/cuda/CUDAContext.h, which pulls cuBLAS/cuSPARSE headers), so the file
-// also compiles with a bare `nvcc -arch=sm_90a -c` against the headers of a CPU-only torch.
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE  // CPU-only torch wheels do not ship this generated header
-#endif
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// pack / unpack are flat copies: thread t moves vector word t of the output (the widest of 16/8/4/2/1
+// bytes that divides the row size and the pointers' alignment, i.e. 16 bytes for embedding rows), so
+// every warp reads and writes consecutive 16-byte words; one launch covers all neighbours (the send
+// index is one concatenated list). Scatter-add uses one thread block per distinct target row with the
+// CSR of its sources: no atomics, a fixed summation order (deterministic), fp32 accumulation for
+// half types, fp64 for fp64.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
+#include <cassert>
 #include <cstdint>
 
-#include "halo.h"
+#include "halo_cuda.h"
 
-namespace egnn {
+namespace egnn::cuda {
 
 namespace {
 
 constexpr int kThreads = 256;
 
-int vec_bytes(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
+int vec_bytes(int64_t row_bytes, const void* a, const void* b, const void* c = nullptr) {
   for (int w : {16, 8, 4, 2}) {
-    bool ok = row_bytes % w == 0;
-    for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % w == 0;
+    const bool ok = row_bytes % w == 0 && reinterpret_cast<uintptr_t>(a) % w == 0 &&
+                    reinterpret_cast<uintptr_t>(b) % w == 0 && reinterpret_cast<uintptr_t>(c) % w == 0;
     if (ok) return w;
   }
   return 1;
@@ -42,7 +32,7 @@ int vec_bytes(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
 
 unsigned blocks_for(int64_t total) {
   const int64_t b = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(b, 1), int64_t(1) << 20));  // grid-stride beyond
+  return static_cast<unsigned>(b < 1 ? 1 : (b > (int64_t(1) << 20) ? (int64_t(1) << 20) : b));  // grid-stride beyond
 }
 
 template <typename V>
@@ -51,7 +41,7 @@ __global__ void pack_kernel(const V* __restrict__ src, const int64_t* __restrict
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total; t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t k = t / row_vec;
     const int64_t r = __ldg(idx + k);
-    CUDA_KERNEL_ASSERT(r >= 0 && r < rows);
+    assert(r >= 0 && r < rows);
     out[t] = src[r * row_vec + (t - k * row_vec)];
   }
 }
@@ -64,154 +54,118 @@ __global__ void unpack_kernel(const V* __restrict__ x, const V* __restrict__ rec
 }
 
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
+struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// Block u sums the sources of target row rows[u]; each thread owns VEC consecutive columns at a time.
-template <typename scalar_t, int VEC>
-__global__ void scatter_add_csr_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ buf,
-                                       scalar_t* __restrict__ out, const int64_t* __restrict__ rows,
-                                       const int64_t* __restrict__ ptr, const int64_t* __restrict__ order, int64_t D,
-                                       int64_t n_grad, int64_t n_buf) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using P = Pack<scalar_t, VEC>;
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Block u owns target row rows[u]; each thread owns N consecutive columns at a time and sums the
+// sources in CSR order (all threads of the block read one source row together: coalesced).
+template <typename T, int N>
+__global__ void scatter_add_csr_kernel(const T* __restrict__ g, const T* __restrict__ buf, T* __restrict__ out,
+                                       const int64_t* __restrict__ rows, const int64_t* __restrict__ ptr,
+                                       const int64_t* __restrict__ order, int64_t D) {
+  using A = typename Acc<T>::type;
+  using P = Vec<T, N>;
   const int64_t u = blockIdx.x;
-  const int64_t r = rows[u];
-  CUDA_KERNEL_ASSERT(r >= 0 && r < n_grad);
-  const int64_t j0 = ptr[u], j1 = ptr[u + 1];
-  for (int64_t c = int64_t(threadIdx.x) * VEC; c < D; c += int64_t(blockDim.x) * VEC) {
-    acc_t acc[VEC];
+  const int64_t r = rows[u], j0 = ptr[u], j1 = ptr[u + 1];
+  for (int64_t c = int64_t(threadIdx.x) * N; c < D; c += int64_t(blockDim.x) * N) {
+    A acc[N];
     P p = *reinterpret_cast<const P*>(g + r * D + c);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] = static_cast<acc_t>(p.v[i]);
+    for (int i = 0; i < N; ++i) acc[i] = to_acc(p.v[i]);
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t s = __ldg(order + j);
-      CUDA_KERNEL_ASSERT(s >= 0 && s < n_buf);
-      P q = *reinterpret_cast<const P*>(buf + s * D + c);
+      const P q = *reinterpret_cast<const P*>(buf + __ldg(order + j) * D + c);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += static_cast<acc_t>(q.v[i]);
+      for (int i = 0; i < N; ++i) acc[i] += to_acc(q.v[i]);
     }
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) p.v[i] = static_cast<scalar_t>(acc[i]);
+    for (int i = 0; i < N; ++i) p.v[i] = from_acc<T>(acc[i]);
     *reinterpret_cast<P*>(out + r * D + c) = p;
   }
 }
 
-template <typename V>
-void launch_pack(const at::Tensor& x, const at::Tensor& idx, at::Tensor& out, int64_t row_bytes, cudaStream_t s) {
-  const int64_t row_vec = row_bytes / sizeof(V), total = idx.numel() * row_vec;
-  pack_kernel<V><<<blocks_for(total), kThreads, 0, s>>>(static_cast<const V*>(x.data_ptr()), idx.data_ptr<int64_t>(),
-                                                        static_cast<V*>(out.data_ptr()), total, row_vec, x.size(0));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+template <typename T>
+cudaError_t launch_scatter(const void* g, const void* buf, void* out, const int64_t* rows, const int64_t* ptr,
+                           const int64_t* order, int64_t U, int64_t D, cudaStream_t s) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool wide = vec_bytes(D * int64_t(sizeof(T)), g, buf, out) == 16;
+  const int64_t chunks = wide ? (D + kVec - 1) / kVec : D;
+  const int64_t threads = chunks >= kThreads ? kThreads : (chunks + 31) / 32 * 32;
+  const T* gt = static_cast<const T*>(g);
+  const T* bt = static_cast<const T*>(buf);
+  T* ot = static_cast<T*>(out);
+  if (wide)
+    scatter_add_csr_kernel<T, kVec><<<unsigned(U), unsigned(threads), 0, s>>>(gt, bt, ot, rows, ptr, order, D);
+  else
+    scatter_add_csr_kernel<T, 1><<<unsigned(U), unsigned(threads), 0, s>>>(gt, bt, ot, rows, ptr, order, D);
+  return cudaGetLastError();
 }
 
 template <typename V>
-void launch_unpack(const at::Tensor& x, const at::Tensor& recv, at::Tensor& out, int64_t row_bytes, int64_t offset,
-                   cudaStream_t s) {
-  const int64_t row_vec = row_bytes / sizeof(V), total = x.size(0) * row_vec;
-  const int64_t lo = offset * row_vec, hi = lo + recv.size(0) * row_vec;
-  unpack_kernel<V><<<blocks_for(total), kThreads, 0, s>>>(static_cast<const V*>(x.data_ptr()),
-                                                          static_cast<const V*>(recv.data_ptr()),
-                                                          static_cast<V*>(out.data_ptr()), total, lo, hi);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+cudaError_t launch_pack(const void* x, const int64_t* idx, void* out, int64_t n, int64_t rows, int64_t row_bytes,
+                        cudaStream_t s) {
+  const int64_t row_vec = row_bytes / int64_t(sizeof(V)), total = n * row_vec;
+  pack_kernel<V><<<blocks_for(total), kThreads, 0, s>>>(static_cast<const V*>(x), idx, static_cast<V*>(out), total,
+                                                        row_vec, rows);
+  return cudaGetLastError();
 }
 
-#define EGNN_VEC_SWITCH(W, ...)                 \
-  switch (W) {                                  \
-    case 16: { using V = int4; __VA_ARGS__; break; }  \
-    case 8: { using V = int2; __VA_ARGS__; break; }   \
-    case 4: { using V = int; __VA_ARGS__; break; }    \
-    case 2: { using V = short; __VA_ARGS__; break; }  \
-    default: { using V = char; __VA_ARGS__; break; }  \
-  }
+template <typename V>
+cudaError_t launch_unpack(const void* x, const void* recv, void* out, int64_t rows, int64_t offset, int64_t m,
+                          int64_t row_bytes, cudaStream_t s) {
+  const int64_t row_vec = row_bytes / int64_t(sizeof(V)), total = rows * row_vec;
+  unpack_kernel<V><<<blocks_for(total), kThreads, 0, s>>>(static_cast<const V*>(x), static_cast<const V*>(recv),
+                                                          static_cast<V*>(out), total, offset * row_vec,
+                                                          (offset + m) * row_vec);
+  return cudaGetLastError();
+}
 
 }  // namespace
 
-at::Tensor halo_pack_cuda(const at::Tensor& x, const at::Tensor& send_index, const std::optional<at::Tensor>&,
-                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
-  TORCH_CHECK(x.dim() >= 1, "egnn::halo_pack: x must have a row dimension");
-  check_index(send_index, "halo_pack", "send_index", x);
-  c10::cuda::CUDAGuard guard(x.device());
-  auto xc = x.contiguous();
-  auto idx = send_index.contiguous();
-  auto out = at::empty(with_rows(xc, idx.numel()), xc.options());
-  const int64_t row_bytes = row_numel(xc) * xc.element_size();
-  if (idx.numel() == 0 || row_bytes == 0) return out;
-  const int w = vec_bytes(row_bytes, {xc.data_ptr(), out.data_ptr()});
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  EGNN_VEC_SWITCH(w, launch_pack<V>(xc, idx, out, row_bytes, stream));
-  return out;
+cudaError_t pack(const void* x, const int64_t* idx, void* out, int64_t n, int64_t rows, int64_t row_bytes,
+                 cudaStream_t s) {
+  if (n == 0 || row_bytes == 0) return cudaSuccess;
+  switch (vec_bytes(row_bytes, x, out)) {
+    case 16: return launch_pack<int4>(x, idx, out, n, rows, row_bytes, s);
+    case 8: return launch_pack<int2>(x, idx, out, n, rows, row_bytes, s);
+    case 4: return launch_pack<int>(x, idx, out, n, rows, row_bytes, s);
+    case 2: return launch_pack<short>(x, idx, out, n, rows, row_bytes, s);
+    default: return launch_pack<char>(x, idx, out, n, rows, row_bytes, s);
+  }
 }
 
-at::Tensor halo_unpack_cuda(const at::Tensor& x, const at::Tensor& recv, int64_t offset) {
-  check_rows_like(x, recv, "halo_unpack", "x", "recv");
-  TORCH_CHECK(offset >= 0 && offset + recv.size(0) <= x.size(0), "egnn::halo_unpack: rows [", offset, ", ",
-              offset + recv.size(0), ") of the receive buffer do not fit in x with ", x.size(0), " rows");
-  c10::cuda::CUDAGuard guard(x.device());
-  auto xc = x.contiguous();
-  auto rc = recv.contiguous();
-  auto out = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  const int64_t row_bytes = row_numel(xc) * xc.element_size();
-  if (xc.size(0) == 0 || row_bytes == 0) return out;
-  const int w = vec_bytes(row_bytes, {xc.data_ptr(), rc.data_ptr(), out.data_ptr()});
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  EGNN_VEC_SWITCH(w, launch_unpack<V>(xc, rc, out, row_bytes, offset, stream));
-  return out;
+cudaError_t unpack(const void* x, const void* recv, void* out, int64_t rows, int64_t offset, int64_t m,
+                   int64_t row_bytes, cudaStream_t s) {
+  if (rows == 0 || row_bytes == 0) return cudaSuccess;
+  switch (vec_bytes(row_bytes, x, recv, out)) {
+    case 16: return launch_unpack<int4>(x, recv, out, rows, offset, m, row_bytes, s);
+    case 8: return launch_unpack<int2>(x, recv, out, rows, offset, m, row_bytes, s);
+    case 4: return launch_unpack<int>(x, recv, out, rows, offset, m, row_bytes, s);
+    case 2: return launch_unpack<short>(x, recv, out, rows, offset, m, row_bytes, s);
+    default: return launch_unpack<char>(x, recv, out, rows, offset, m, row_bytes, s);
+  }
 }
 
-at::Tensor halo_unpack_add_csr_cuda(const at::Tensor& grad_x, const at::Tensor& rows, const at::Tensor& ptr,
-                                    const at::Tensor& order, const at::Tensor& buf) {
-  check_rows_like(grad_x, buf, "halo_unpack_add_csr", "grad_x", "buf");
-  check_index(rows, "halo_unpack_add_csr", "rows", grad_x);
-  check_index(ptr, "halo_unpack_add_csr", "ptr", grad_x);
-  check_index(order, "halo_unpack_add_csr", "order", grad_x);
-  const int64_t U = rows.numel();
-  TORCH_CHECK(ptr.numel() == U + 1 && order.numel() == buf.size(0),
-              "egnn::halo_unpack_add_csr: need ptr of length len(rows)+1 and order of length len(buf)");
-  c10::cuda::CUDAGuard guard(grad_x.device());
-  auto g = grad_x.contiguous();
-  auto b = buf.contiguous();
-  auto rw = rows.contiguous(), pt = ptr.contiguous(), od = order.contiguous();
-  auto out = g.clone(at::MemoryFormat::Contiguous);
-  const int64_t D = row_numel(g);
-  if (U == 0 || D == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "halo_unpack_add_cuda", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool wide = vec_bytes(D * sizeof(scalar_t), {g.data_ptr(), b.data_ptr(), out.data_ptr()}) == 16;
-    const int vec = wide ? kVec : 1;
-    const int64_t chunks = (D + vec - 1) / vec;
-    const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (chunks + 31) / 32 * 32)));
-    const unsigned grid = static_cast<unsigned>(U);
-    if (wide)
-      scatter_add_csr_kernel<scalar_t, kVec><<<grid, threads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rw.data_ptr<int64_t>(),
-          pt.data_ptr<int64_t>(), od.data_ptr<int64_t>(), D, g.size(0), b.size(0));
-    else
-      scatter_add_csr_kernel<scalar_t, 1><<<grid, threads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rw.data_ptr<int64_t>(),
-          pt.data_ptr<int64_t>(), od.data_ptr<int64_t>(), D, g.size(0), b.size(0));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+cudaError_t scatter_add_csr(DType dtype, const void* g, const void* buf, void* out, const int64_t* rows,
+                            const int64_t* ptr, const int64_t* order, int64_t U, int64_t D, cudaStream_t s) {
+  if (U == 0 || D == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat32: return launch_scatter<float>(g, buf, out, rows, ptr, order, U, D, s);
+    case DType::kFloat64: return launch_scatter<double>(g, buf, out, rows, ptr, order, U, D, s);
+    case DType::kFloat16: return launch_scatter<__half>(g, buf, out, rows, ptr, order, U, D, s);
+    case DType::kBFloat16: return launch_scatter<__nv_bfloat16>(g, buf, out, rows, ptr, order, U, D, s);
+  }
+  return cudaErrorInvalidValue;
 }
 
-at::Tensor halo_unpack_add_cuda(const at::Tensor& grad_x, const at::Tensor& index, const at::Tensor& buf) {
-  check_rows_like(grad_x, buf, "halo_unpack_add", "grad_x", "buf");
-  check_index(index, "halo_unpack_add", "index", grad_x);
-  TORCH_CHECK(buf.size(0) == index.numel(), "egnn::halo_unpack_add: buf has ", buf.size(0), " rows but index has ",
-              index.numel(), " entries");
-  c10::cuda::CUDAGuard guard(grad_x.device());
-  auto [rows, ptr, order] = csr_from_index(index.contiguous());  // a stable device sort; pass a plan to skip it
-  return halo_unpack_add_csr_cuda(grad_x, rows, ptr, order, buf);
-}
-
-}  // namespace egnn
-
-TORCH_LIBRARY_IMPL(egnn, CUDA, m) {
-  m.impl("halo_pack", &egnn::halo_pack_cuda);
-  m.impl("halo_unpack", &egnn::halo_unpack_cuda);
-  m.impl("halo_unpack_add", &egnn::halo_unpack_add_cuda);
-  m.impl("halo_unpack_add_csr", &egnn::halo_unpack_add_csr_cuda);
-}
+}  // namespace egnn::cuda
