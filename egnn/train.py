@@ -474,7 +474,10 @@ def load_samples(datasets, basis, dtype=torch.float32) -> list[Sample]:
 def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
     """The whole `egnn train`: data, model, output statistics, epochs, checkpoints."""
     seed_everything(int(cfg.train["seed"]))
-    cache = cfg.data.get("cache") or os.path.join(cfg.output, "cache")
+    # converted run folders are cached outside the output folder, so a config that fails validation
+    # leaves no output behind
+    cache = cfg.data.get("cache") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "egnn")
     train_ds = open_datasets(flatten_paths(cfg.data["train"]), cfg.r_cut, cache)
     val_ds = open_datasets(flatten_paths(cfg.data["val"]), cfg.r_cut, cache) if cfg.data["val"] else []
     basis = train_ds[0].basis

@@ -1,5 +1,6 @@
 """`egnn partition`: JSON report, --save, --plot, --tile, CP2K input, and clean errors."""
 import itertools
+import os
 import json
 
 import ase
@@ -11,7 +12,7 @@ from egnn.cli import main
 from egnn.graph import radius_graph
 from egnn.partition import low_nn, quality
 
-TINY_INP = "/work/shared/data/cp2k/tiny/hfo2_m12_szv/hfo2_m12.inp"
+TINY_INP = os.path.join(os.path.dirname(__file__), "fixtures", "cp2k", "hfo2_m12_szv", "hfo2_m12.inp")
 
 
 @pytest.fixture

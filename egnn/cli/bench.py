@@ -1,0 +1,32 @@
+"""egnn bench NAME [ARGS...]: run profiling/bench_NAME.py of a source checkout (table + JSON)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from ..errors import InputError
+
+
+def _profiling_dir() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(here, "profiling")
+
+
+def add_arguments(p):
+    p.add_argument("name", nargs="?", help="benchmark name (e.g. so3, message, kernels, partition, halo, data)")
+    p.add_argument("args", nargs="*", help="arguments passed to the benchmark script")
+
+
+def run(args) -> int:
+    prof = _profiling_dir()
+    if not os.path.isdir(prof):
+        raise InputError("egnn bench needs a source checkout: profiling/ is not installed with the wheel; "
+                         "clone the repository and run `egnn bench` there")
+    names = sorted(f[6:-3] for f in os.listdir(prof) if f.startswith("bench_") and f.endswith(".py"))
+    if not args.name:
+        print("benchmarks: " + ", ".join(names))
+        return 0
+    if args.name not in names:
+        raise InputError(f"no benchmark {args.name!r}; available: {', '.join(names)}")
+    return subprocess.call([sys.executable, os.path.join(prof, f"bench_{args.name}.py"), *args.args])
