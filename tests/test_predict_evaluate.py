@@ -1,0 +1,229 @@
+"""egnn predict / egnn evaluate on the tiny CP2K fixtures with a small untrained model."""
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from egnn.basis import OrbitalBasis
+from egnn.cli import build_parser
+from egnn.errors import EgnnError
+from egnn.model import HamiltonianModel, ModelConfig
+
+from conftest import random_rotation
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "cp2k")
+GAMMA_RUN = os.path.join(FIX, "hfo2_m12_szv")  # Γ-only, folded at any r_cut (12 atoms)
+KP_RUN = os.path.join(FIX, "hfo2_m12_rattled_s0000")  # real-space images
+KP_INP = os.path.join(KP_RUN, "hfo2_m12_rattled_s0000.inp")
+
+
+def _cli(argv):
+    args = build_parser().parse_args(argv)
+    return args._run(args)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    basis = OrbitalBasis.explicit({"Hf": "sspd", "O": "sp"}, "SZV-MOLOPT-SR-GTH")
+    m = HamiltonianModel(ModelConfig(basis=basis, r_cut=5.0, lmax=4, mmax=2, channels=4, layers=1, heads=1,
+                                     hidden=8, num_rbf=8))
+    with torch.no_grad():  # non-trivial output statistics, as after fit_output_stats
+        m.node_shift.uniform_(-3, 3)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ck") / "ck.pt")
+    torch.save({"format": "egnn-checkpoint-1", "model_config": model.config.to_dict(), "model": model.state_dict()},
+               path)
+    return path
+
+
+def _atoms(run):
+    from egnn.predict import read_input
+
+    return read_input(run)[0]
+
+
+# ----------------------------------------------------------------------------- predict
+def test_predict_cli_files(checkpoint, model, tmp_path):
+    from egnn.io.cp2k import read_run
+    from egnn.predict import load_images, predict_structure, to_cp2k_order
+
+    out = str(tmp_path / "out")
+    assert _cli(["predict", "--checkpoint", checkpoint, KP_INP, "-o", out, "--with-overlap", "--edge-chunk", "100",
+                 "--json"]) == 0
+    stem = "hfo2_m12_rattled_s0000"
+    G = sp.load_npz(os.path.join(out, f"{stem}_H.npz"))
+    assert G.shape == (72, 72)
+    images = load_images(os.path.join(out, f"{stem}_HR.npz"))
+    assert len(images) > 1
+    total = sum(images.values())
+    np.testing.assert_allclose(total.toarray(), G.toarray(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(G.toarray(), G.toarray().T, atol=1e-12)  # symmetrised: Hermitian at Γ
+    # the npz holds the CP2K-ordered version of the library's prediction (chunking changes nothing)
+    atoms = _atoms(KP_INP)
+    HR = predict_structure(model, atoms, edge_chunk=None)
+    ref = to_cp2k_order(sum(HR.values()), model.basis, atoms.numbers)
+    np.testing.assert_allclose(G.toarray(), ref.toarray(), rtol=1e-5, atol=1e-5 * abs(ref).max())
+    # the CP2K .csr files + image table read back (egnn.io.cp2k) to the same H(R)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(KP_INP, run)
+    for f in glob.glob(os.path.join(out, f"{stem}-KS_SPIN_1_R_*-1_0.csr")):
+        shutil.copy(f, run)
+    shutil.copy(os.path.join(out, f"{stem}_images.out"), run / f"{stem}.out")
+    back = read_run(str(run), matrices=("H",)).H
+    mine = images  # CP2K order already
+    T = model.basis.transform(atoms.numbers, "cp2k")
+    assert set(back) == set(mine)
+    for R in mine:
+        np.testing.assert_allclose((T.T @ back[R] @ T).toarray(), mine[R].toarray(), atol=1e-10)
+    # S from PySCF: normalised orbitals (diagonal 1 at R = 0), symmetric Γ matrix
+    S = load_images(os.path.join(out, f"{stem}_SR.npz"))
+    np.testing.assert_allclose(S[(0, 0, 0)].diagonal(), 1.0, atol=1e-6)
+    SG = sp.load_npz(os.path.join(out, f"{stem}_S.npz")).toarray()
+    assert np.linalg.eigvalsh(SG).min() > 0
+    meta = json.load(open(os.path.join(out, f"{stem}_meta.json")))
+    assert meta["atoms"] == 12 and meta["H_images"] == len(images)
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary left behind
+
+
+def test_rotated_structure_same_eigenvalues(model):
+    from egnn.predict import predict_structure
+
+    atoms = _atoms(GAMMA_RUN)
+    Rm = random_rotation(7).numpy()
+    rot = atoms.copy()
+    rot.set_cell(atoms.get_cell().array @ Rm.T, scale_atoms=False)
+    rot.set_positions(atoms.get_positions() @ Rm.T)
+    e0 = np.linalg.eigvalsh(sum(predict_structure(model, atoms).values()).toarray())
+    e1 = np.linalg.eigvalsh(sum(predict_structure(model, rot).values()).toarray())
+    assert np.abs(e0).max() > 1.0
+    assert np.abs(e1 - e0).max() <= 1e-5 * np.abs(e0).max()
+
+
+def test_tiling_agrees_block_by_block(model):
+    from egnn.predict import predict_structure
+
+    atoms = _atoms(KP_INP)
+    prim = predict_structure(model, atoms)
+    sup = predict_structure(model, atoms.repeat((2, 1, 1)))
+    n = prim[(0, 0, 0)].shape[0]
+    total = 0
+    scale = max(abs(M).max() for M in prim.values())
+    for Rs, M in sup.items():
+        C = M.tocoo()
+        md, ms = C.row // n, C.col // n  # copy of the dst / src atom (ase repeat: copies contiguous)
+        R0 = ms - md + 2 * Rs[0]
+        for r0 in np.unique(R0):
+            sel = R0 == r0
+            P = prim[(int(r0), Rs[1], Rs[2])]
+            v = np.asarray(P[C.row[sel] % n, C.col[sel] % n]).ravel()
+            np.testing.assert_allclose(C.data[sel], v, atol=2e-5 * scale)
+            total += int(sel.sum())
+    assert total == 2 * sum(M.nnz for M in prim.values())
+
+
+def test_bad_inputs_write_nothing(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    bad = tmp_path / "garbage.xyz"
+    bad.write_text("this is not\na structure file\n")
+    h2o = os.path.join(FIX, "h2o_box6_szv")  # H is not in the HfO2 checkpoint's basis
+    cases = [
+        ["--checkpoint", str(tmp_path / "missing.pt"), KP_INP],
+        ["--checkpoint", checkpoint, KP_INP, str(bad)],
+        ["--checkpoint", checkpoint, KP_INP, h2o],
+        ["--checkpoint", checkpoint, KP_INP, str(tmp_path / "nowhere.xyz")],
+        ["--checkpoint", checkpoint, KP_INP, "--tile", "2x0x1"],
+    ]
+    for argv in cases:
+        with pytest.raises(EgnnError) as exc:
+            _cli(["predict", *argv, "-o", str(out)])
+        assert str(exc.value)
+        assert not out.exists(), argv
+    with pytest.raises(EgnnError, match="element H"):
+        _cli(["predict", "--checkpoint", checkpoint, h2o, "-o", str(out)])
+
+
+def test_distributed_hook_needs_predict_distributed(model, monkeypatch):
+    import egnn.distributed
+    from egnn.graph import radius_graph
+    from egnn.predict import predict_blocks
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delattr(egnn.distributed, "predict_distributed")
+    g = radius_graph(_atoms(GAMMA_RUN), model.config.r_cut)
+    with pytest.raises(EgnnError, match="distributed predict not available"):
+        predict_blocks(model, g, partition="low-nn")
+
+
+# ----------------------------------------------------------------------------- evaluate
+def test_evaluate_cli_json_and_plots(checkpoint, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    assert _cli(["evaluate", "--checkpoint", checkpoint, GAMMA_RUN, KP_RUN, "--json", "--plots", str(plots)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for k in ("mae_meV", "mae_node_meV", "mae_edge_meV", "eig_mae_meV", "eig_rel", "mae_shifted_meV",
+              "eig_mae_shifted_meV", "gap_mae_meV", "per_pair", "per_element_node", "vs_distance"):
+        assert k in r, k
+    assert r["structures"] == 2
+    assert {s["mode"] for s in r["per_structure"]} == {"folded", "real_space"}
+    assert r["mae_shifted_meV"] <= r["mae_meV"]
+    assert set(r["per_pair"]) == {"Hf-Hf", "Hf-O", "O-Hf", "O-O"}
+    n = sum(b["n"] for b in r["vs_distance"])
+    assert n == r["elements"]
+    for s in r["per_structure"]:
+        assert s["valence_electrons"] == 4 * 12 + 8 * 6  # GTH-PBE-q12 / -q6 from the .inp
+        assert s["eig_reference"] == "cp2k run"
+    for f in ("H_vs_distance.png", "error_violins.png", "logH_pred_vs_dft.png"):
+        assert (plots / f).stat().st_size > 1000
+
+
+class _Oracle(torch.nn.Module):
+    """A 'model' that returns the DFT targets plus c·S (in coupled form) for one sample."""
+
+    def __init__(self, basis, x, c):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.basis, self.x, self.c = basis, x, c
+
+    def forward(self, species, src, dst, vec, edge_chunk=None):
+        x, c = self.x, self.c
+        if x.mode != "folded":
+            return x.node_target + c * x.overlap["node_target"], x.edge_target + c * x.overlap["edge_target"]
+        pair = x.pair_target + c * x.overlap["pair_target"]
+        N, E = len(x.species), len(src)
+        node = pair[:N, :, :x.node_target.shape[-1] if x.node_target is not None else pair.shape[-1]]
+        edge = torch.zeros((E,) + tuple(pair.shape[1:]), dtype=pair.dtype)
+        fold = x.edge_fold.numpy()
+        _, first = np.unique(fold, return_index=True)
+        first = first[fold[first] >= N]  # d != s pairs: one edge carries the whole Γ block
+        edge[first] = pair[fold[first]]
+        return node, edge
+
+
+@pytest.mark.parametrize("run", [KP_RUN, GAMMA_RUN])
+def test_evaluate_exact_up_to_shift(run, tmp_path):
+    """DFT + c·S scores c·mean|S| raw, 0 after the shift; eigenvalues move by exactly c."""
+    from egnn.dataset import Dataset, convert
+    from egnn.evaluate import evaluate_sample
+
+    convert([run], str(tmp_path / "ds"), r_cut=6.0)  # at 5 Å the truncated S(Γ) is not positive definite
+    ds = Dataset(str(tmp_path / "ds"), dtype=torch.float64, overlap=True)
+    x = ds[0]
+    c = 0.37
+    r = evaluate_sample(_Oracle(ds.basis, x, c), x, source=None, name="oracle")
+    a = r["_arrays"]
+    assert r["energy_shift_eV"] == pytest.approx(c, abs=1e-12)
+    assert r["mae_meV"] == pytest.approx(1000 * c * np.abs(a["err"] / c).mean(), rel=1e-9)
+    assert r["mae_shifted_meV"] < 1e-9 and r["mae_node_shifted_meV"] < 1e-9 and r["mae_edge_shifted_meV"] < 1e-9
+    assert r["eig_mae_meV"] == pytest.approx(1000 * c, rel=1e-6)
+    assert r["eig_mae_shifted_meV"] < 1e-6
+    assert abs(r["gap_err_meV"]) < 1e-6
