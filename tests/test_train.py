@@ -1,0 +1,123 @@
+"""egnn train: CLI smoke tests on the tiny fixtures, exact resume, loss masking, config errors."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from egnn import EgnnError
+from egnn.cli import main
+from egnn.train import Sample, fit_output_stats, masked_loss
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "cp2k")
+KP = os.path.join(FIX, "hfo2_m12_rattled_s0000")  # real-space images
+GAMMA = os.path.join(FIX, "hfo2_m12_szv")  # Γ-only: targets are folded
+TINY_MODEL = {"channels": 8, "layers": 1, "hidden": 8, "heads": 1, "num_rbf": 8}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("egnn-cache"))
+
+
+def write_config(path, cache, out, train=(KP,), val=(KP,), r_cut=5.0, **train_opts):
+    cfg = {"data": {"train": list(train), "val": list(val), "r_cut": r_cut, "cache": cache},
+           "model": TINY_MODEL, "train": {"epochs": 2, "lr": 3e-3, "seed": 3, **train_opts}, "output": str(out)}
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def test_train_two_epochs_json_and_files(tmp_path, cache, capsys):
+    cfg = write_config(tmp_path / "c.yaml", cache, tmp_path / "run")
+    assert main(["train", cfg, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["epoch"] == 2 and result["train_structures"] == 1
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_node_mae_meV", "val_edge_mae_meV", "lr", "seconds"):
+        assert all(key in x and x[key] == x[key] for x in lines)
+    for f in ("best.pt", "last.pt", "config.json"):
+        assert (tmp_path / "run" / f).is_file()
+
+
+def test_resume_continues_exactly(tmp_path, cache, capsys):
+    straight = write_config(tmp_path / "a.yaml", cache, tmp_path / "a", epochs=3, checkpoint_every=1)
+    main(["train", straight, "--json"])
+    ref = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    first = write_config(tmp_path / "b.yaml", cache, tmp_path / "b", epochs=1)
+    main(["train", first, "--json"])
+    main(["train", first, "--json", "--epochs", "3", "--resume", str(tmp_path / "b" / "last.pt")])
+    got = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [x["epoch"] for x in got] == [1, 2, 3]
+    for a, b in zip(ref, got):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
+
+
+def test_gamma_only_structure_trains_on_folded_targets(tmp_path, cache, capsys):
+    cfg = write_config(tmp_path / "g.yaml", cache, tmp_path / "g", train=(GAMMA,), val=(GAMMA,), r_cut=6.0, epochs=1)
+    assert main(["train", cfg, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["val_edge_mae_meV"] > 0 and result["val_loss"] == result["val_loss"]
+
+
+def test_loss_ignores_padded_elements():
+    torch.manual_seed(0)
+    pred = torch.randn(5, 9, 4, requires_grad=True)
+    target = torch.randn(5, 9, 4)
+    mask = torch.rand(5, 9, 4) > 0.4
+    loss, _, n = masked_loss(pred, target, mask)
+    garbage = target.clone()
+    garbage[~mask] = 1e6
+    loss2, _, _ = masked_loss(pred, garbage, mask)
+    assert n == int(mask.sum()) and loss.item() == loss2.item()
+    loss.backward()
+    assert pred.grad[~mask].abs().max() == 0 and pred.grad[mask].abs().min() > 0
+
+
+def test_output_stats_center_node_scalars():
+    from egnn.basis import OrbitalBasis
+    from egnn.model import HamiltonianModel, ModelConfig
+
+    basis = OrbitalBasis.explicit({"Si": "sp", "C": "sp"})
+    m = HamiltonianModel(ModelConfig(basis=basis, lmax=2, mmax=2, channels=4, layers=1, hidden=4))
+    N, K, C = 6, 9, m.node_shift.shape[1]
+    species = torch.tensor([0, 0, 1, 1, 1, 0])
+    t = torch.randn(N, K, C)
+    t[:, 0, 0] += torch.where(species == 0, -10.0, 5.0)
+    s = Sample("x", species, torch.tensor([1]), torch.tensor([0]), torch.ones(1, 3), t, torch.ones(N, K, C, dtype=torch.bool),
+               torch.randn(1, K, m.edge_scale.shape[1]), torch.ones(1, K, m.edge_scale.shape[1], dtype=torch.bool))
+    fit_output_stats(m, [s])
+    assert m.node_shift[0, 0].item() == pytest.approx(t[species == 0, 0, 0].mean().item(), rel=1e-6)
+    assert m.node_shift[1, 0].item() == pytest.approx(t[species == 1, 0, 0].mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"bogus": 1}, "unknown top-level"),
+    ({"train": {"epochs": 1, "learning_rate": 1}}, r"unknown key\(s\) train"),
+    ({"model": {"lmaxx": 2}}, r"unknown key\(s\) model"),
+    ({"data": {"train": ["/nonexistent/run"], "r_cut": 5.0}}, "does not exist"),
+    ({"data": {"train": [KP], "r_cut": 3.0}}, "captures only"),
+    ({"train": {"amp": "fp16"}}, "fp16 needs a CUDA"),
+    ({"model": {"lmax": 2, "mmax": 2}}, "smaller than the L=4"),
+])
+def test_bad_configs_fail_before_any_output(tmp_path, cache, capsys, change, match):
+    cfg = {"data": {"train": [KP], "val": [KP], "r_cut": 5.0, "cache": cache}, "model": dict(TINY_MODEL),
+           "train": {"epochs": 1}, "output": str(tmp_path / "out")}
+    for k, v in change.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+            if k == "data":
+                cfg[k]["cache"] = cache
+        else:
+            cfg[k] = v
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("egnn train: error:")
+    with pytest.raises(EgnnError, match=match):
+        from egnn.train import load_config, train_from_config
+        train_from_config(load_config(str(path)))
+    assert not (tmp_path / "out").exists()
