@@ -9,7 +9,7 @@ segments longer than BLOCK_E are walked in chunks, empty segments write zeros.
 import triton
 import triton.language as tl
 
-from .rotate import edge_frame, load_m_major_degree, rotate_tile
+from .rotate import cast_out, edge_frame, load_m_major_degree, rotate_tile
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _aggregate_degree(out_ptr, y_ptr, logit_ptr, vec_ptr, tab_ptr, row_ptr, d, l
         acc += tl.sum(v * alpha[:, None, :], axis=0)
     d64 = d.to(tl.int64)
     tl.store(out_ptr + d64 * (K * C) + (L * L + j)[:, None] * C + offs_c[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mj[:, None] & mc[None, :])
+             cast_out(acc, out_ptr.dtype.element_ty), mask=mj[:, None] & mc[None, :])
 
 
 @triton.jit

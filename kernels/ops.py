@@ -34,6 +34,10 @@ def _edge_block():
     return 64 if _backend.interpreting() else 16
 
 
+def _channel_block(c):
+    return _pow2(c, 16, 128 if _backend.interpreting() else 32)
+
+
 def _cdiv(a, b):
     return (a + b - 1) // b
 
@@ -66,7 +70,7 @@ def _gather_rotate(x1, i1, x2, i2, x3, edge_vec, lmax, mmax, dtype):
     out = torch.empty((E, KM, C1 + C2 + C3), dtype=dtype, device=ref.device)
     if E == 0 or out.shape[-1] == 0:
         return out
-    BE, BC = _edge_block(), _pow2(C1 + C2 + C3, 16, 32)
+    BE, BC = _edge_block(), _channel_block(C1 + C2 + C3)
     grid = (_cdiv(E, BE), _cdiv(C1 + C2 + C3, BC))
     gather_rotate_kernel[grid](out, x1, i1.contiguous(), x2, i2.contiguous(), x3, edge_vec.contiguous(), tab, rows,
                                E, C1, C2, C3, KM, LMAX=lmax, NPTS=_tables.num_points(lmax), BLOCK_E=BE, BLOCK_C=BC)
@@ -81,7 +85,7 @@ def _rotate_back(y, edge_vec, lmax, mmax):
     out = torch.empty((E, (lmax + 1) ** 2, C), dtype=y.dtype, device=y.device)
     if E == 0 or C == 0:
         return out
-    BE, BC = _edge_block(), _pow2(C, 16, 32)
+    BE, BC = _edge_block(), _channel_block(C)
     rotate_back_kernel[(_cdiv(E, BE), _cdiv(C, BC))](out, y.contiguous(), edge_vec.contiguous(), tab, rows, E, C, KM,
                                                       LMAX=lmax, NPTS=_tables.num_points(lmax), BLOCK_E=BE, BLOCK_C=BC)
     return out
@@ -112,13 +116,13 @@ def _so2_launch(x, xe, scale, wbuf, bias, meta, lmax, mmax, cin, cout, nx):
     kx = 0 if xe is None else xe.shape[1]
     n0 = lmax + 1
     ncols = max(n0 * cout + nx, lmax * cout)
-    BE, BN, BK = 32, _pow2(ncols, 16, 64), 32
+    BE, BN, BK = 32, _pow2(ncols, 16, 256 if _backend.interpreting() else 64), 32
     grid = (_cdiv(E, BE), mmax + 1, _cdiv(ncols, BN))
     so2_linear_kernel[grid](y, xo, x.contiguous(), x if xe is None else xe.contiguous(),
                             x if scale is None else scale.reshape(E, cin).contiguous(), wbuf,
                             wbuf if bias is None else bias.to(wbuf.dtype).contiguous(), meta,
                             E, KMR, cin, cout, kx, nx, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-                            IEEE=x.dtype == torch.float32, BLOCK_E=BE, BLOCK_N=BN, BLOCK_K=BK)
+                            IEEE=x.dtype == torch.float32 or _backend.interpreting(), BLOCK_E=BE, BLOCK_N=BN, BLOCK_K=BK)
     return y, xo
 
 
@@ -145,7 +149,7 @@ def _aggregate_launch(values, logits, dst, num_nodes, edge_vec, lmax, mmax):
         return out
     tab, rows = _tables.tables(lmax, mmax, values.device)
     ptr = _segment_ptr(dst, num_nodes)
-    BC = _pow2(C, 16, 32)
+    BC = _channel_block(C)
     vec = edge_vec.contiguous() if edge_vec is not None else tab
     aggregate_kernel[(num_nodes, _cdiv(C, BC))](out, values.contiguous(), logits.contiguous(), ptr, vec, tab, rows,
                                                 C, H, C // H, KV, LMAX=lmax, NPTS=_tables.num_points(lmax),

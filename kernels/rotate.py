@@ -14,6 +14,17 @@ PINV_OFFSET: tl.constexpr = 64
 
 
 @triton.jit
+def cast_out(x, dtype: tl.constexpr):
+    """float32 -> the output dtype, rounding to nearest even (done by hand for bfloat16: Triton's
+    interpreter truncates there; on GPUs this is the same rounding the hardware cast does)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    return x.to(dtype)
+
+
+@triton.jit
 def edge_frame(vec_ptr, offs_e, me):
     """Rotation R (9 vectors over the edge block) that maps each edge direction onto +Y."""
     vx = tl.load(vec_ptr + offs_e * 3, mask=me, other=0.0).to(tl.float32)
@@ -102,7 +113,7 @@ def _gather_rotate_degree(out_ptr, t1_ptr, t2_ptr, t3_ptr, n1, n2, e64, me, offs
     orow = tl.load(row_ptr + L * L + j, mask=mj, other=-1)
     ok = me[:, None, None] & (orow >= 0)[None, :, None] & (c < CT)
     tl.store(out_ptr + e64[:, None, None] * (KM * CT) + orow[None, :, None] * CT + c,
-             acc.to(out_ptr.dtype.element_ty), mask=ok)
+             cast_out(acc, out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -154,7 +165,7 @@ def _rotate_back_degree(out_ptr, y_ptr, e64, me, offs_c, C, KM, tab_ptr, row_ptr
     c = offs_c[None, None, :]
     ok = me[:, None, None] & (j < 2 * L + 1)[None, :, None] & (c < C)
     tl.store(out_ptr + e64[:, None, None] * (K * C) + (L * L + j)[None, :, None] * C + c,
-             acc.to(out_ptr.dtype.element_ty), mask=ok)
+             cast_out(acc, out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

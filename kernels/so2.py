@@ -10,11 +10,13 @@ Weights are packed in one buffer ([K, N] row-major per m at meta[m].woff).
 import triton
 import triton.language as tl
 
+from .rotate import cast_out
+
 
 @triton.jit
 def _mm(acc, a, w, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, w, acc, input_precision="ieee")
+    if IEEE:  # float32 (and every dtype under the interpreter, whose half-precision dot is unreliable)
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, w, acc)
 
 
@@ -56,9 +58,9 @@ def so2_linear_kernel(y_ptr, xo_ptr, x_ptr, xe_ptr, s_ptr, w_ptr, b_ptr, meta_pt
                 acc = _mm(acc, a.to(dt), w, IEEE)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + e64[:, None] * (KMR * COUT) + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+            tl.store(y_ptr + e64[:, None] * (KMR * COUT) + rn[None, :], cast_out(acc, y_ptr.dtype.element_ty),
                      mask=me[:, None] & (rn < NY)[None, :])
-            tl.store(xo_ptr + e64[:, None] * NX + (rn - NY)[None, :], acc.to(xo_ptr.dtype.element_ty),
+            tl.store(xo_ptr + e64[:, None] * NX + (rn - NY)[None, :], cast_out(acc, xo_ptr.dtype.element_ty),
                      mask=me[:, None] & (rn >= NY)[None, :] & mn[None, :])
     else:
         if tl.program_id(2) * BLOCK_N < NY:
@@ -70,21 +72,22 @@ def so2_linear_kernel(y_ptr, xo_ptr, x_ptr, xe_ptr, s_ptr, w_ptr, b_ptr, meta_pt
                 rk = k0 + tl.arange(0, BLOCK_K)
                 mk = rk < K
                 mask = me[:, None] & mk[None, :]
-                a = tl.load(xp + rk[None, :], mask=mask, other=0.0)
-                b = tl.load(xp + K + rk[None, :], mask=mask, other=0.0)
+                a = tl.load(xp + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+                b = tl.load(xp + K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
                 if HAS_SCALE:
                     s = tl.load(s_ptr + e64[:, None] * CIN + (rk % CIN)[None, :], mask=mask, other=0.0).to(tl.float32)
-                    a = a.to(tl.float32) * s
-                    b = b.to(tl.float32) * s
+                    a = a * s
+                    b = b * s
+                nb = (-b).to(dt)  # negate in float32 (the interpreter keeps bfloat16 as raw bits)
                 a = a.to(dt)
                 b = b.to(dt)
                 wmask = mk[:, None] & mn[None, :]
                 w1 = tl.load(w_ptr + woff + rk[:, None] * (2 * NY) + rn[None, :], mask=wmask, other=0.0)
                 w2 = tl.load(w_ptr + woff + rk[:, None] * (2 * NY) + NY + rn[None, :], mask=wmask, other=0.0)
                 accp = _mm(accp, a, w1, IEEE)
-                accp = _mm(accp, -b, w2, IEEE)
+                accp = _mm(accp, nb, w2, IEEE)
                 accm = _mm(accm, a, w2, IEEE)
                 accm = _mm(accm, b, w1, IEEE)
             yp = y_ptr + e64[:, None] * (KMR * COUT) + row * COUT + rn[None, :]
-            tl.store(yp, accp.to(y_ptr.dtype.element_ty), mask=me[:, None] & mn[None, :])
-            tl.store(yp + NY, accm.to(y_ptr.dtype.element_ty), mask=me[:, None] & mn[None, :])
+            tl.store(yp, cast_out(accp, y_ptr.dtype.element_ty), mask=me[:, None] & mn[None, :])
+            tl.store(yp + NY, cast_out(accm, y_ptr.dtype.element_ty), mask=me[:, None] & mn[None, :])

@@ -93,3 +93,21 @@ class FusedInteractionLayer(InteractionLayer):
             u = recompute(self._edge_messages, (xn, en, rbf, src, dst, edge_vec), list(self.edge_msg.parameters()))
             e = e + u * envelope.view(-1, 1, 1)
         return x, e
+
+
+def saved_activation_bytes(fn, *args, exclude=()):
+    """(bytes of all tensors autograd saves while running fn(*args), fn's output), counted with
+    torch.autograd.graph.saved_tensors_hooks; each storage once, tensors sharing a storage with
+    `exclude` (e.g. the parameters) left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return sum(seen.values()), out
