@@ -41,16 +41,20 @@ void check_range(const at::Tensor& index, int64_t rows, const char* op, const ch
               rows, ")");
 }
 
+// Writes every row of out exactly once: task u copies the untouched rows between the previous
+// target and rows[u] (one memcpy), then sums row rows[u]; the last task also copies the tail.
 template <typename scalar_t>
 void scatter_add_rows(const scalar_t* g, const scalar_t* b, scalar_t* out, const int64_t* rows, const int64_t* ptr,
-                      const int64_t* order, int64_t U, int64_t D) {
+                      const int64_t* order, int64_t U, int64_t N, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t avg = U ? std::max<int64_t>(1, ptr[U] / U) : 1;
-  at::parallel_for(0, U, std::max<int64_t>(1, grain_rows(D * sizeof(scalar_t) * (avg + 1))), [&](int64_t u0, int64_t u1) {
+  const int64_t per_task = (N + ptr[U]) / std::max<int64_t>(1, U) + 1;  // rows touched per target, on average
+  at::parallel_for(0, U, grain_rows(D * sizeof(scalar_t) * per_task), [&](int64_t u0, int64_t u1) {
     std::vector<acc_t> acc(D);
     acc_t* a = acc.data();
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t r = rows[u];
+      const int64_t r = rows[u], prev = u ? rows[u - 1] + 1 : 0;
+      if (r > prev) std::memcpy(out + prev * D, g + prev * D, (r - prev) * D * sizeof(scalar_t));
+      if (u == U - 1 && r + 1 < N) std::memcpy(out + (r + 1) * D, g + (r + 1) * D, (N - r - 1) * D * sizeof(scalar_t));
       const scalar_t* gr = g + r * D;
       for (int64_t c = 0; c < D; ++c) a[c] = static_cast<acc_t>(gr[c]);
       for (int64_t j = ptr[u]; j < ptr[u + 1]; ++j) {
@@ -143,12 +147,12 @@ at::Tensor halo_unpack_add_csr_cpu(const at::Tensor& grad_x, const at::Tensor& r
   }
   auto g = grad_x.contiguous();
   auto b = buf.contiguous();
-  auto out = g.clone(at::MemoryFormat::Contiguous);
   const int64_t D = row_numel(g);
-  if (U == 0 || D == 0) return out;
+  if (U == 0 || D == 0) return g.clone(at::MemoryFormat::Contiguous);
+  auto out = at::empty_like(g, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "halo_unpack_add_cpu", [&] {
     scatter_add_rows<scalar_t>(g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rp, pp, op,
-                               U, D);
+                               U, N, D);
   });
   return out;
 }

@@ -88,6 +88,10 @@ def test_unpack_add_equals_index_add(dtype, shape, rows, gen):
         once = (ref64.to(dtype).double() - ref64).abs().max()
         assert own <= once
     assert torch.equal(ops.halo_unpack_add(grad, index[:0], buf[:0]), grad)  # empty list
+    for edge in ([rows - 1], [0, 0], [5], [0, rows - 1]):  # first/last rows, untouched head/tail
+        i = torch.tensor(edge)
+        assert torch.equal(ops.halo_unpack_add(grad, i, buf[: len(edge)]),
+                           ops.TWINS["halo_unpack_add"](grad, i, buf[: len(edge)]))
 
 
 @compiled
