@@ -39,7 +39,7 @@ import torch
 from .errors import EgnnError, InputError
 
 __all__ = ["read_input", "parse_tile", "predict_structure", "predict_blocks", "assemble_chunked",
-           "symmetrize", "to_cp2k_order", "write_prediction", "load_images", "overlap_for",
+           "symmetrize", "to_cp2k_order", "write_prediction", "load_images", "overlap_for", "check_overlap_basis",
            "pyscf_basis_name", "DEFAULT_EDGE_CHUNK"]
 
 # About 40 kB of transient per-edge tensors per chunk edge on CPU (lmax 4, 16 channels): 20k edges
@@ -117,7 +117,8 @@ def _distributed_outputs(model, graph, species, partition: str):
                         "run egnn predict without torchrun") from None
     from .partition import partition as make_parts
 
-    D.init_distributed()
+    info = D.init_distributed()
+    model.to(info.device)
     rank, size = D.world()
     parts = make_parts(graph, size, partition)
     node, edge = predict_distributed(model, graph, parts, species)
@@ -239,23 +240,35 @@ def pyscf_basis_name(cp2k_name: str) -> str:
     return "gth-" + name.lower()
 
 
-def overlap_for(atoms, basis, pyscf_basis: str | None = None) -> dict:
-    """Exact S(R) of `atoms` from PySCF in the internal basis, checked to have the checkpoint's shells."""
-    from .basis import OrbitalBasis
-    from .io.pyscf import _pyscf, make_cell, overlap
+def check_overlap_basis(basis, elements, pyscf_basis: str | None = None) -> str:
+    """The PySCF basis name for S, checked (cheaply, one atom per element) to give the checkpoint's
+    shells for every element; InputError when PySCF or the basis is missing or does not match."""
+    from ase.data import atomic_numbers
 
-    _pyscf()  # clear InputError when PySCF is missing
+    from .basis import OrbitalBasis
+    from .io.pyscf import _load_basis, _pyscf
+
+    gto, _ = _pyscf()  # clear InputError when PySCF is missing
     name = pyscf_basis or (pyscf_basis_name(basis.name.split("+")[0]) if basis.name else None)
     if not name:
         raise InputError("--with-overlap: the checkpoint's basis has no name; give --overlap-basis "
                          "(a PySCF basis name like gth-szv-molopt-sr)")
-    mol = make_cell(atoms, name)
-    ob = OrbitalBasis.from_pyscf(mol, name=name)
-    for el, ls in ob.shells.items():
+    bas = _load_basis(name, sorted(set(elements)))
+    for el in sorted(set(elements)):
+        z = atomic_numbers[el]
+        mol = gto.M(atom=[[el, (0.0, 0.0, 0.0)]], basis={el: bas[el]}, spin=z % 2, unit="Angstrom", verbose=0)
+        ls = OrbitalBasis.from_pyscf(mol, name=name).shells[el]
         if tuple(basis.shells.get(el, ())) != tuple(ls):
             raise InputError(f"--with-overlap: PySCF basis {name!r} gives {el} shells {list(ls)} but the checkpoint "
                              f"has {list(basis.shells.get(el, ()))}; pass the matching --overlap-basis")
-    return overlap(atoms, name)
+    return name
+
+
+def overlap_for(atoms, basis, pyscf_basis: str | None = None) -> dict:
+    """Exact S(R) of `atoms` from PySCF in the internal basis, checked to have the checkpoint's shells."""
+    from .io.pyscf import overlap
+
+    return overlap(atoms, check_overlap_basis(basis, atoms.get_chemical_symbols(), pyscf_basis))
 
 
 # ----------------------------------------------------------------------------- files

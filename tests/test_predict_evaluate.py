@@ -143,6 +143,7 @@ def test_bad_inputs_write_nothing(checkpoint, tmp_path):
         ["--checkpoint", checkpoint, KP_INP, h2o],
         ["--checkpoint", checkpoint, KP_INP, str(tmp_path / "nowhere.xyz")],
         ["--checkpoint", checkpoint, KP_INP, "--tile", "2x0x1"],
+        ["--checkpoint", checkpoint, KP_INP, "--with-overlap", "--overlap-basis", "gth-dzvp-molopt-sr"],
     ]
     for argv in cases:
         with pytest.raises(EgnnError) as exc:

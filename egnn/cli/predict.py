@@ -69,9 +69,10 @@ def run(args) -> int:
         raise InputError(f"two inputs have the same name stem ({stems}); their files would collide — "
                          "rename one or predict them into separate folders")
     if args.with_overlap:
-        from ..io.pyscf import _pyscf
+        from ..predict import check_overlap_basis
 
-        _pyscf()
+        overlap_basis = check_overlap_basis(basis, [el for _, a, _ in inputs for el in set(a.get_chemical_symbols())],
+                                            args.overlap_basis)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     chunk = args.edge_chunk or DEFAULT_EDGE_CHUNK
     report = {"checkpoint": os.path.abspath(args.checkpoint), "output": os.path.abspath(args.output),
@@ -87,7 +88,7 @@ def run(args) -> int:
         if args.with_overlap:
             from ..predict import overlap_for
 
-            S = overlap_for(atoms, basis, args.overlap_basis)
+            S = overlap_for(atoms, basis, overlap_basis)
         t1 = time.perf_counter()
         info = {"input": path, "stem": stem, "atoms": len(atoms), "edges": graph.num_edges,
                 "images": len(HR), "tile": list(reps), "predict_s": t_pred}
