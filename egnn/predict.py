@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 
 import numpy as np
 import scipy.sparse as sp
@@ -390,8 +389,3 @@ def _write_csr_set(tmp, stem, prefix, name, G, code, numbers, atoms, basis, bina
     with open(os.path.join(tmp, f"{stem}_images.out"), mode) as fh:
         fh.write(_image_table(prefix, keys))
 
-
-def timed(fn, *a, **k):
-    t = time.perf_counter()
-    out = fn(*a, **k)
-    return out, time.perf_counter() - t
