@@ -147,8 +147,13 @@ class HaloExchange:
         self.recv_ranks = [int(q) for q in plan.recv_ranks]
 
     def index(self, device) -> torch.Tensor:
+        return self._cached(device)[0]
+
+    def _cached(self, device):
+        """(send index, its scatter plan) on `device`, built once."""
         if device not in self._index:
-            self._index[device] = torch.as_tensor(self.plan.send_index, dtype=torch.long, device=device)
+            ix = torch.as_tensor(self.plan.send_index, dtype=torch.long, device=device)
+            self._index[device] = (ix, _ops.scatter_plan(ix))
         return self._index[device]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +192,8 @@ class HaloExchange:
                    self.send_ranks, grad.device)
         with self.timer.phase("unpack", grad.device):
             base = torch.cat([grad[:n_own], grad.new_zeros((self.plan.num_halo,) + tail)])
-            return _ops.unpack_add(base, self.index(grad.device), buf)
+            index, plan = self._cached(grad.device)
+            return _ops.unpack_add(base, index, buf, plan)
 
 
 def halo_exchange(x: torch.Tensor, plan: HaloPlan, backend="torch", group=None,

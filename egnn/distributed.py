@@ -250,8 +250,9 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, model, train, val, cfg, output, partition: dict | None = None, device=None,
                  config_dict=None, log=print, group=None, timer: PhaseTimer | None = None):
-        if not dist.is_initialized():
-            raise DistributedError("DistributedTrainer needs a process group; call init_distributed() first")
+        info = init_distributed(device=cfg.get("device", "auto"))  # a no-op when already initialised
+        if device is None and info.device.type == "cuda":
+            device = info.device  # cuda:LOCAL_RANK, not every rank on cuda:0
         partition = dict(partition or {})
         unknown = set(partition) - PARTITION_KEYS
         if unknown:
@@ -261,7 +262,7 @@ class DistributedTrainer(Trainer):
         self.method = partition.get("method", "low-nn")
         self.cache_dir = partition.get("cache")
         self.backend = partition.get("backend", "torch")
-        self.timer = timer or PhaseTimer()
+        self.timer = timer or PhaseTimer(sync=os.environ.get("EGNN_TIMING_SYNC", "0") == "1")
         self.profile = ProfilerWindow()
         self._plans: dict[str, tuple[HaloPlan, HaloExchange, Sample]] = {}
         self._by_name = {s.name: s for s in list(train) + list(val)}
@@ -313,6 +314,7 @@ class DistributedTrainer(Trainer):
             g = SimpleNamespace(src=s.src.cpu().numpy(), dst=s.dst.cpu().numpy(), num_nodes=s.num_nodes)
             plan = HaloPlan.build(g, parts, self.rank, self.world_size)
             ex = HaloExchange(plan, self.backend, self.group, self.timer)
+            check_plans(plan, self.group)
             self._plans[s.name] = (plan, ex, self._to(local_sample(s, plan)))
         return self._plans[s.name]
 
@@ -404,6 +406,8 @@ def predict_distributed(model, graph, parts, species=None, *, group=None, backen
     vec = torch.as_tensor(np.asarray(graph.vec), dtype=dtype)
     sp, src, dstl, v = local_inputs(plan, torch.as_tensor(np.asarray(species), dtype=torch.long), vec, device)
     ex = HaloExchange(plan, backend, group, timer)
+    if size > 1:
+        check_plans(plan, group)  # same structure and partition everywhere, or an error (not a hang)
     node, edge = model(sp, src, dstl, v, exchange=ex)
     node = node[:plan.num_owned].contiguous()
     edge = edge.contiguous()

@@ -125,9 +125,7 @@ def _check_predict(graph, parts, group) -> float | None:
     node, edge = predict_distributed(m, graph, parts, group=group)
     if world(group)[0] != 0:
         return None
-    with torch.no_grad():
-        rn, re = m(torch.as_tensor(m.basis.species_index(graph.numbers)), torch.as_tensor(graph.src),
-                   torch.as_tensor(graph.dst), torch.as_tensor(graph.vec))
+    rn, re = _REF["sic", torch.float64][:2]  # the same model's single-process outputs
     assert node.shape == rn.shape and edge.shape == re.shape
     return max(_rel(node, rn), _rel(edge, re))
 
@@ -205,7 +203,7 @@ def _worker(rank, world_size, port, outdir, port2=None):
                 rec[f"{w}/{method}/predict"] = _check_predict(graph, parts, g)
             rec[f"{w}/low-nn/float32"] = _check_model(graph, partition(graph, w, "low-nn"), g, torch.float32)
             rec[f"_t{w}trainer"] = time.time()
-            for folded in ((False, True) if w == 3 else (False,)):
+            for folded in {2: (), 3: (False, True), 4: (False,)}[w]:
                 rec[f"{w}/trainer/{folded}"] = _check_trainer(graph, g, outdir, folded)
             if w == 3:  # cluster A over ranks 0 and 1; rank 2 owns cluster B: no halo, nothing to send
                 rec["3/nohalo"] = _check_model(two_clusters(), np.array([0, 0, 1, 1, 2, 2, 2, 2]), g,
@@ -322,7 +320,7 @@ def test_assembled_prediction_equals_single_process(records, w, method):
     assert all(records[r][f"{w}/{method}/predict"] is None for r in range(1, w))
 
 
-@pytest.mark.parametrize("w,folded", [(2, False), (3, False), (3, True), (4, False)])
+@pytest.mark.parametrize("w,folded", [(3, False), (3, True), (4, False)])
 def test_distributed_trainer_step_equals_trainer(records, w, folded):
     for r in range(w):
         rec = records[r][f"{w}/trainer/{folded}"]
