@@ -18,7 +18,6 @@ cudaProfilerStop after step B-1 (for `nsys --capture-range=cudaProfilerApi`).
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import HaloExchange, HaloPlan, PhaseTimer, build_plans
-from .errors import ConfigError, DistributedError, InputError
+from .errors import ConfigError, DistributedError
 from .train import Sample, Trainer, fold_edges
 
 __all__ = ["DistInfo", "init_distributed", "world", "local_inputs", "local_sample", "check_plans",
