@@ -119,6 +119,9 @@ def main():
             print(p.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"size {rep}x{rep}x{rep} failed (exit {p.returncode})")
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out + ".partial", "w") as fh:  # what is done so far, should a larger size not finish
+            json.dump({"rows": rows}, fh, indent=1)
         print(f"done {rep}x{rep}x{rep}: {rows[-1]['atoms']} atoms in {rows[-1]['total_s']:.1f} s", file=sys.stderr,
               flush=True)
     base = rows[0]
