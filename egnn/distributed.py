@@ -334,10 +334,10 @@ class DistributedTrainer(Trainer):
                             [torch.tensor(float(en.numel()), dtype=torch.float64, device=en.device),
                              torch.tensor(float(ee.numel()), dtype=torch.float64, device=en.device)])
         _collective(lambda: dist.all_reduce(stats, group=self.group), "all-reducing the loss")
-        l1, l2 = self.cfg["l1"], self.cfg["l2"]
-        n = max(float(stats[4] + stats[5]), 1.0)
-        mine = (l1 * (sums[0] + sums[1]) + l2 * (sums[2] + sums[3])) / n
-        everyone = (l1 * (stats[0] + stats[1]) + l2 * (stats[2] + stats[3])).to(mine.dtype) / n
+        l1, l2, w = self.cfg["l1"], self.cfg["l2"], float(self.cfg["node_weight"])
+        n = max(float(w * stats[4] + stats[5]), 1.0)
+        mine = (l1 * (w * sums[0] + sums[1]) + l2 * (w * sums[2] + sums[3])) / n
+        everyone = (l1 * (w * stats[0] + stats[1]) + l2 * (w * stats[2] + stats[3])).to(mine.dtype) / n
         total = mine + (everyone - mine.detach())  # value: the global loss; gradient: this rank's share
         if total.requires_grad:
             total.register_hook(self._queue_sync)

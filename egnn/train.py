@@ -131,7 +131,7 @@ def fit_output_stats(model: HamiltonianModel, samples: list[Sample]) -> None:
 TRAIN_DEFAULTS = {
     "epochs": 100, "lr": 3e-3, "weight_decay": 0.0, "batch_size": 1, "amp": "off", "seed": 0,
     "checkpoint_every": 10, "lr_factor": 0.5, "lr_patience": 10, "min_lr": 1e-5, "l1": 1.0, "l2": 1.0,
-    "grad_clip": 10.0, "max_minutes": None, "device": "auto",
+    "grad_clip": 10.0, "max_minutes": None, "device": "auto", "node_weight": 1.0,
 }
 DATA_KEYS = {"train", "val", "r_cut", "cache"}
 TOP_KEYS = {"data", "model", "train", "output", "partition"}
@@ -283,7 +283,8 @@ class Trainer:
         l1, l2 = self.cfg["l1"], self.cfg["l2"]
         ln, an, nn_ = masked_loss(node, s.node_target, s.node_mask, l1, l2)
         le, ae, ne = masked_loss(edge, s.edge_target, s.edge_mask, l1, l2)
-        total = (ln * nn_ + le * ne) / max(nn_ + ne, 1)
+        w = float(self.cfg["node_weight"])  # node blocks are few (N vs E) but set the onsite energies
+        total = (w * ln * nn_ + le * ne) / max(w * nn_ + ne, 1)
         return total, {"node_abs": an.item(), "node_n": nn_, "edge_abs": ae.item(), "edge_n": ne}
 
     def batches(self, epoch: int):
@@ -418,7 +419,7 @@ def to_sample(x, dtype=torch.float32, name: str = "") -> Sample:
     g = x.graph
     common = dict(name=name or os.path.basename(str(x.source)), species=x.species.long(),
                   src=torch.from_numpy(g.src).long(), dst=torch.from_numpy(g.dst).long(),
-                  edge_vec=torch.from_numpy(g.vec).to(dtype), meta={"mode": x.mode, "source": x.source})
+                  edge_vec=torch.from_numpy(g.vec).to(dtype), meta={"mode": x.mode, "source": x.source, "graph": g})
     if x.mode == "folded":
         Cn = x.pair_target.shape[2]
         N, K = len(x.species), x.pair_target.shape[1]
@@ -489,11 +490,13 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     trainer_cls = Trainer
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .distributed import DistributedTrainer as trainer_cls  # noqa: N813
-    trainer = trainer_cls(model, train, val, cfg.train, cfg.output, config_dict=config_dict)
+    kw = {"partition": cfg.partition} if trainer_cls is not Trainer else {}
+    trainer = trainer_cls(model, train, val, cfg.train, cfg.output, config_dict=config_dict, **kw)
     if resume:
         trainer.load(resume)
     else:
         fit_output_stats(model, train)
+    if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(cfg.output, "config.json"), "w") as f:
             json.dump({**config_dict, "model_config": mcfg.to_dict()}, f, indent=1)
     t0 = time.time()
