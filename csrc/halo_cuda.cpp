@@ -29,6 +29,7 @@ cuda::DType dtype_of(const at::Tensor& t, const char* op) {
     default: TORCH_CHECK(false, "egnn::", op, ": unsupported dtype ", t.scalar_type(),
                          " (float32, float64, float16, bfloat16)");
   }
+  return cuda::DType::kFloat32;  // unreachable
 }
 
 }  // namespace

@@ -139,7 +139,7 @@ if _missing:
     for _name in _missing:
         _lib.define(SCHEMAS[_name])
         _lib.impl(_name, TWINS[_name], "CompositeExplicitAutograd")
-if torch.cuda.is_available():
+if torch.version.cuda is not None:  # a CUDA torch (no device query here: it could poison fork())
     _no_cuda = [n for n in SCHEMAS if n not in _missing and not _has_kernel(n, "CUDA")
                 and not _has_kernel(n, "CompositeExplicitAutograd")]
     if _no_cuda:
