@@ -117,6 +117,11 @@ class HamiltonianModel(nn.Module):
         self.edge_norm = EquivariantLayerNorm(cfg.lmax, C)
         self.node_head = OutputHead(L, C, cfg.hidden, self.node_counts)
         self.edge_head = OutputHead(L, 3 * C, cfg.hidden, self.edge_counts)
+        # H decays roughly exponentially with distance: a learned log-scale per output channel and
+        # distance lets far blocks be small without squeezing them through the equivariant head
+        self.edge_log_scale = RadialMLP(cfg.num_rbf, max(self.edge_counts))
+        nn.init.zeros_(self.edge_log_scale.net[-1].weight)
+        nn.init.zeros_(self.edge_log_scale.net[-1].bias)
         # output statistics (set by the trainer from the data): per-species L = 0 shift, per-(L, c) scale
         self.register_buffer("node_shift", torch.zeros(S, max(self.node_counts)))
         self.register_buffer("node_scale", torch.ones(L + 1, max(self.node_counts)))
@@ -160,23 +165,24 @@ class HamiltonianModel(nn.Module):
                                              lambda a, b: self.edge_features(edge_vec[a:b]), exchange)
             xn = self.node_norm(x)
             xe = exchange(xn)
-            edge = torch.cat([self._edge_out(e[a:b], xe, src[a:b], dst[a:b]) for a, b in chunks]) if chunks \
-                else self._edge_out(e, xe, src, dst)
+            edge = torch.cat([self._edge_out(e[a:b], xe, src[a:b], dst[a:b], self.rbf(edge_vec[a:b].norm(dim=-1)))
+                              for a, b in chunks]) if chunks else self._edge_out(e, xe, src, dst, self.rbf(edge_vec.norm(dim=-1)))
             return self._node_stats(self.node_head(xn), species), edge
         D = self.rotation.wigner(edge_vec)
         for layer in self.layers:
             x, e = layer(x, e, src, dst, self.rotation, D, rbf, envelope, exchange)
         xn = self.node_norm(x)
-        return self._node_stats(self.node_head(xn), species), self._edge_out(e, exchange(xn), src, dst)
+        return self._node_stats(self.node_head(xn), species), self._edge_out(e, exchange(xn), src, dst, rbf)
 
     def edge_features(self, edge_vec):
         """(Wigner-D blocks, radial basis, envelope) of a set of edges."""
         dist = edge_vec.norm(dim=-1)
         return self.rotation.wigner(edge_vec), self.rbf(dist), cosine_envelope(dist, self.config.r_cut)
 
-    def _edge_out(self, e, xe, src, dst):
+    def _edge_out(self, e, xe, src, dst, rbf):
         edge = self.edge_head(torch.cat([self.edge_norm(e), xe.index_select(0, src), xe.index_select(0, dst)], -1))
-        return edge * self.edge_scale[self.row_L].to(edge.dtype)
+        scale = torch.exp(self.edge_log_scale(rbf)).unsqueeze(1) * self.edge_scale[self.row_L]
+        return edge * scale.to(edge.dtype)
 
     def _node_stats(self, node, species):
         node = node * self.node_scale[self.row_L].to(node.dtype)
