@@ -11,7 +11,8 @@
 //
 // CPU: at::parallel_for (OpenMP inside PyTorch, honours torch.set_num_threads; linking our own
 // libgomp would load a second OpenMP runtime next to torch's) over rows; rows are copied with
-// memcpy, and the scatter-add inner loop runs over one contiguous embedding row (auto-vectorised).
+// memcpy, and the scatter-add inner loops run over one contiguous embedding row (vectorised: see
+// RowIO for the fp16/bf16 conversions).
 // Scatter-add sums every target row in one task, in ascending source order, into an opmath (fp32
 // for half types) accumulator: deterministic, bit-equal to a serial index_add_ for fp32/fp64.
 #include <torch/extension.h>
