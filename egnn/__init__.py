@@ -3,3 +3,5 @@ from .errors import ConfigError, DistributedError, EgnnError, InputError
 
 __version__ = "0.1.0"
 __all__ = ["EgnnError", "InputError", "ConfigError", "DistributedError", "__version__"]
+
+from . import ops as _ops  # noqa: E402,F401  registers the egnn:: ops; logs once if egnn._C is missing
