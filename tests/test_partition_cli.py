@@ -90,7 +90,7 @@ def test_bad_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "junk.xyz" in err and "cannot read" in err
     assert main(["partition", str(tmp_path / "missing.cif"), "--parts", "2"]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "no such structure file" in capsys.readouterr().err
     # a periodic cell of zero volume
     flat = ase.Atoms("H2", positions=[[0, 0, 0], [1, 1, 1]], cell=[[4, 0, 0], [8, 0, 0], [0, 0, 4]], pbc=True)
     p = tmp_path / "flat.extxyz"

@@ -28,59 +28,10 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
 
 
-def parse_tile(text) -> tuple[int, int, int]:
-    """'2x2x2' -> (2, 2, 2); a single integer n means n x n x n."""
-    if text is None:
-        return (1, 1, 1)
-    bits = str(text).lower().replace("*", "x").split("x")
-    try:
-        reps = tuple(int(b) for b in bits)
-    except ValueError:
-        reps = ()
-    if len(reps) == 1:
-        reps = reps * 3
-    if len(reps) != 3 or min(reps) < 1:
-        raise InputError(f"--tile: expected three positive integers like 2x2x2, got {text!r}")
-    return reps
-
-
-def read_structure(path: str):
-    """ase.Atoms from any ase-readable file, or from a CP2K input (&CELL, &COORD) via egnn.io.cp2k."""
-    import ase
-    import ase.io
-
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file; give an existing structure file")
-    if path.lower().endswith(".inp"):
-        from ..io.cp2k import parse_inp
-
-        inp = parse_inp(path)
-        return ase.Atoms(symbols=inp.symbols, positions=inp.positions, cell=inp.cell, pbc=inp.pbc)
-    try:
-        atoms = ase.io.read(path)
-    except Exception as exc:  # ase raises many types for unreadable files
-        raise InputError(f"{path}: ase cannot read this structure ({type(exc).__name__}: {exc}); "
-                         "use xyz, extxyz, CIF, POSCAR or a CP2K .inp") from exc
-    if isinstance(atoms, list):
-        atoms = atoms[-1]
-    if len(atoms) == 0:
-        raise InputError(f"{path}: the structure has no atoms")
-    return atoms
-
-
-def tile(atoms, reps):
-    if reps == (1, 1, 1):
-        return atoms
-    pbc = atoms.get_pbc()
-    for d, r in enumerate(reps):
-        if r > 1 and not pbc[d]:
-            raise InputError(f"--tile: axis {'abc'[d]} is not periodic; tile only periodic axes")
-    return atoms.repeat(reps)
-
-
 def run(args) -> int:
     from ..graph import radius_graph
     from ..partition import partition, quality
+    from ..io.structure import parse_tile, read_input, tile
     from ..partition.quality import embedding_row_bytes
 
     row_bytes = embedding_row_bytes(args.lmax, args.channels, args.dtype)
@@ -89,7 +40,7 @@ def run(args) -> int:
         raise InputError(f"--r-cut must be > 0 Å, got {args.r_cut}")
     t = {}
     t0 = time.perf_counter()
-    atoms = tile(read_structure(args.structure), reps)
+    atoms = tile(read_input(args.structure)[0], reps)
     t["read"] = time.perf_counter() - t0
     if not 1 <= args.parts <= len(atoms):
         raise InputError(f"--parts must be in 1..{len(atoms)} (the number of atoms), got {args.parts}")
