@@ -8,15 +8,15 @@ channel holds which shell pair).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .basis import OrbitalBasis
 from .errors import ConfigError, InputError
-from .nn import (EdgeRotation, EquivariantLayerNorm, EquivariantLinear, GateActivation, GaussianRBF,
-                 InteractionLayer, RadialMLP, cosine_envelope)
+from .nn import (EdgeRotation, EquivariantLayerNorm, FeedForward, GaussianRBF, InteractionLayer, RadialMLP,
+                 cosine_envelope)
 
 __all__ = ["ModelConfig", "HamiltonianModel", "OutputHead"]
 
@@ -64,21 +64,16 @@ class ModelConfig:
         return cls(**d)
 
 
-class OutputHead(nn.Module):
-    """Equivariant MLP to padded coupled-basis outputs: C_in -> hidden (gated) -> counts per L."""
+class OutputHead(FeedForward):
+    """Equivariant MLP to padded coupled-basis outputs: rows L <= L_max, C_in -> hidden (gated) ->
+    counts[L] channels per L."""
 
     def __init__(self, L_max: int, in_channels: int, hidden: int, counts: list[int]):
-        super().__init__()
+        super().__init__(L_max, in_channels, hidden, counts)
         self.L_max = L_max
-        row_l = torch.tensor([l for l in range(L_max + 1) for _ in range(2 * l + 1)])
-        self.lin1 = EquivariantLinear(L_max, in_channels, hidden)
-        self.gate = GateActivation(row_l, L_max, hidden)
-        self.gates = nn.Linear(in_channels, self.gate.num_gates)
-        self.lin2 = EquivariantLinear(L_max, hidden, counts)
 
     def forward(self, z):
-        z = z[:, :(self.L_max + 1) ** 2]
-        return self.lin2(self.gate(self.lin1(z), self.gates(z[:, 0])))
+        return super().forward(z[:, :(self.L_max + 1) ** 2])
 
 
 def edge_chunks(dst: torch.Tensor, size: int) -> list[tuple[int, int]]:

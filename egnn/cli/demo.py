@@ -19,7 +19,7 @@ def demo_config(out: str, minutes: float, epochs: int) -> dict:
     runs = sorted(glob.glob(os.path.join(DEMO_DATA, "hfo2_m12_rattled_*")))
     return {
         "data": {"train": runs[:-1], "val": runs[-1:], "r_cut": 8.0},
-        "model": {"lmax": 4, "mmax": 4, "channels": 16, "layers": 2, "heads": 2, "hidden": 32},
+        "model": {"lmax": 4, "mmax": 4, "channels": 16, "layers": 2, "heads": 2, "hidden": 32},  # ~1 M parameters
         "train": {"epochs": epochs, "lr": 5e-3, "lr_patience": 15, "lr_factor": 0.5, "max_minutes": minutes,
                   "checkpoint_every": 25, "seed": 0, "node_weight": 20.0},
         "output": os.path.join(out, "train"),
@@ -72,7 +72,7 @@ def _evaluate_and_predict(ck: str, val_runs: list, out: str, tile: str) -> dict:
     print(f"[2/3] evaluating on {', '.join(os.path.basename(r) for r in val_runs)}")
     datasets = open_datasets(val_runs, model.config.r_cut, os.path.join(out, "cache"))
     res = evaluate(model, datasets, keep_arrays=True)
-    plots = make_plots(res, os.path.join(out, "plots"))
+    make_plots(res, os.path.join(out, "plots"))
     res.pop("_arrays", None)
     with open(os.path.join(out, "evaluate.json"), "w") as f:
         json.dump(res, f, indent=1)

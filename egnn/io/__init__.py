@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
-__all__ = ["Structure", "read_run", "read_csr", "write_csr"]
+__all__ = ["Structure", "read_run", "read_csr", "write_csr", "read_input", "parse_tile", "tile"]
 
 
 @dataclass
@@ -43,3 +41,4 @@ class Structure:
 
 
 from .cp2k import read_csr, read_run, write_csr  # noqa: E402
+from .structure import parse_tile, read_input, tile  # noqa: E402

@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from ..errors import InputError
 
-__all__ = ["Structure", "read_run", "read_csr", "write_csr", "parse_inp", "parse_out", "basis_shells",
+__all__ = ["read_run", "read_csr", "write_csr", "parse_inp", "parse_out", "basis_shells",
            "cp2k_wrap_offsets", "HARTREE_EV"]
 
 HARTREE_EV = 27.211386245988

@@ -122,7 +122,6 @@ def read_calculation(mf, basis_name: str | None = None):
     from ase import Atoms
 
     from ..basis import OrbitalBasis
-    from . import Structure
 
     _pyscf()
     mol = mf.mol if hasattr(mf, "mol") else mf.cell

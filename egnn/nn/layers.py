@@ -24,15 +24,15 @@ def _identity(x):
 
 
 class FeedForward(nn.Module):
-    """Per-node equivariant MLP: linear C -> H, gate, linear H -> C."""
+    """Per-node equivariant MLP: linear C -> H, gate, linear H -> out (C, or a count per l)."""
 
-    def __init__(self, lmax: int, channels: int, hidden: int):
+    def __init__(self, lmax: int, channels: int, hidden: int, out_channels=None):
         super().__init__()
         row_l = torch.tensor([l for l in range(lmax + 1) for _ in range(2 * l + 1)])
         self.gate = GateActivation(row_l, lmax, hidden)
         self.lin1 = EquivariantLinear(lmax, channels, hidden)
         self.gates = nn.Linear(channels, self.gate.num_gates)
-        self.lin2 = EquivariantLinear(lmax, hidden, channels)
+        self.lin2 = EquivariantLinear(lmax, hidden, channels if out_channels is None else out_channels)
 
     def forward(self, x):
         return self.lin2(self.gate(self.lin1(x), self.gates(x[:, 0])))
