@@ -208,7 +208,7 @@ def load_config(path_or_dict, base_dir: str | None = None) -> TrainConfig:
     if not float(train["lr"]) > 0:
         raise ConfigError(f"{where}: train.lr must be > 0")
     output = raw["output"]
-    output = output if os.path.isabs(output) else os.path.join(base_dir, output)
+    output = os.path.normpath(output if os.path.isabs(output) else os.path.join(base_dir, output))
     return TrainConfig(data=data, model=model, train=train, output=output, partition=raw.get("partition"),
                        source=where)
 
@@ -216,7 +216,7 @@ def load_config(path_or_dict, base_dir: str | None = None) -> TrainConfig:
 def _resolve(path, base_dir, where, key):
     import glob
 
-    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    full = os.path.normpath(path if os.path.isabs(path) else os.path.join(base_dir, path))
     hits = sorted(glob.glob(full)) if any(c in full for c in "*?[") else ([full] if os.path.exists(full) else [])
     if not hits:
         raise ConfigError(f"{where}: {key} entry {path!r} does not exist (looked at {full})")
