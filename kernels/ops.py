@@ -19,6 +19,7 @@ _torch_impl.py are plain differentiable torch code and run under ordinary autogr
 """
 from typing import Optional
 
+import nvtx
 import torch
 
 from egnn import so3
@@ -255,12 +256,14 @@ class _RotateToEdge(torch.autograd.Function):
     """Saves only edge_vec, src, dst: backward recomputes D and scatters D^T g to the rows."""
 
     @staticmethod
+    @nvtx.annotate("egnn/rotate_to_edge")
     def forward(ctx, x, e, src, dst, edge_vec, lmax, mmax):
         ctx.save_for_backward(src, dst, edge_vec)
         ctx.meta = (lmax, mmax, None if x is None else x.shape[0], None if x is None else x.shape[-1])
         return OPS["rotate_to_edge"](x, e, src, dst, edge_vec, lmax, mmax, True)
 
     @staticmethod
+    @nvtx.annotate("egnn/rotate_to_edge/backward")
     def backward(ctx, g):
         src, dst, edge_vec = ctx.saved_tensors
         lmax, mmax, n, c = ctx.meta
@@ -278,12 +281,14 @@ class _RotateToEdge(torch.autograd.Function):
 
 class _RotateBack(torch.autograd.Function):
     @staticmethod
+    @nvtx.annotate("egnn/rotate_back")
     def forward(ctx, y, edge_vec, lmax, mmax):
         ctx.save_for_backward(edge_vec)
         ctx.meta = (lmax, mmax)
         return OPS["rotate_back"](y, edge_vec, lmax, mmax, True)
 
     @staticmethod
+    @nvtx.annotate("egnn/rotate_back/backward")
     def backward(ctx, g):
         (edge_vec,) = ctx.saved_tensors
         lmax, mmax = ctx.meta
@@ -293,12 +298,14 @@ class _RotateBack(torch.autograd.Function):
 
 class _SO2Linear(torch.autograd.Function):
     @staticmethod
+    @nvtx.annotate("egnn/so2_linear")
     def forward(ctx, x, scale, w0, b0, lmax, mmax, cout, *ws):
         ctx.save_for_backward(x, scale, w0, *ws)
         ctx.meta = (lmax, mmax, cout, b0 is not None)
         return OPS["so2_linear"](x, scale, w0, b0, list(ws), lmax, mmax, cout, True)
 
     @staticmethod
+    @nvtx.annotate("egnn/so2_linear/backward")
     def backward(ctx, gy, gextra):
         x, scale, w0, *ws = ctx.saved_tensors
         lmax, mmax, cout, has_bias = ctx.meta
@@ -330,12 +337,14 @@ class _SO2Linear(torch.autograd.Function):
 
 class _Aggregate(torch.autograd.Function):
     @staticmethod
+    @nvtx.annotate("egnn/attention_aggregate")
     def forward(ctx, values, logits, dst, num_nodes, edge_vec, lmax, mmax):
         ctx.save_for_backward(values, logits, dst, edge_vec)
         ctx.meta = (num_nodes, lmax, mmax, edge_vec is not None)
         return OPS["attention_aggregate"](values, logits, dst, num_nodes, edge_vec, lmax, mmax, True)
 
     @staticmethod
+    @nvtx.annotate("egnn/attention_aggregate/backward")
     def backward(ctx, g):
         values, logits, dst, edge_vec = ctx.saved_tensors
         num_nodes, lmax, mmax, rotated = ctx.meta
