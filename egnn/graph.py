@@ -104,11 +104,15 @@ def radius_graph(atoms, r_cut: float, self_loops: bool = False) -> AtomGraph:
                 box[d] = 0.0
     i, j, S, D = vesin.NeighborList(cutoff=float(r_cut), full_list=True).compute(
         positions, box, pbc.tolist() if not pbc.all() else True, quantities="ijSD")
-    # vesin: D = x_j + S·cell − x_i, so i is our dst and j our src
-    dst, src, shift, vec = i.astype(np.int64), j.astype(np.int64), S.astype(np.int64), D.astype(np.float64)
+    # vesin: D = x_j + S·cell − x_i, so i is our dst and j our src (no copies where types already fit)
+    dst, src = i.astype(np.int64, copy=False), j.astype(np.int64, copy=False)
+    shift, vec = S.astype(np.int64, copy=False), D.astype(np.float64, copy=False)
     if not self_loops:
-        keep = ~((src == dst) & ~shift.any(axis=1))
-        dst, src, shift, vec = dst[keep], src[keep], shift[keep], vec[keep]
+        same = src == dst
+        if same.any():
+            keep = ~(same & ~shift.any(axis=1))
+            if not keep.all():
+                dst, src, shift, vec = dst[keep], src[keep], shift[keep], vec[keep]
     if len(dst) > 1 and not (dst[1:] >= dst[:-1]).all():  # vesin already groups pairs by i: usually a no-op
         order = np.argsort(dst, kind="stable")
         dst, src, shift, vec = dst[order], src[order], shift[order], vec[order]
