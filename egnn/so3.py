@@ -54,7 +54,23 @@ def spherical_harmonics(vec: torch.Tensor, lmax: int, normalize: bool = True,
     """
     if normalize:
         vec = vec / vec.norm(dim=-1, keepdim=True)
-    x, y, z = vec[..., 2], vec[..., 0], vec[..., 1]  # textbook frame: polar axis z' = our y
+    out = _sh_components(vec[..., 0], vec[..., 1], vec[..., 2], lmax)
+    sh = torch.stack(out, dim=-1)
+    if normalization == "component":
+        sh = sh * math.sqrt(4 * math.pi)
+    elif normalization == "norm":
+        scale = torch.tensor([math.sqrt(4 * math.pi / (2 * l + 1)) for l in range(lmax + 1)
+                              for _ in range(2 * l + 1)], dtype=sh.dtype, device=sh.device)
+        sh = sh * scale
+    elif normalization != "integral":
+        raise InputError(f"normalization must be 'integral', 'component' or 'norm', not {normalization!r}")
+    return sh
+
+
+def _sh_components(x, y, z, lmax: int) -> list:
+    """The (lmax+1)^2 real SH (integral normalisation) of unit vectors given as three same-shape
+    tensors, l-major. Textbook frame: polar axis z' = our y, x' = our z, y' = our x."""
+    x, y, z = z, x, y
     norms = _sh_norms(lmax)
     # (x + i y)^m = A_m + i B_m, and Q_l^m(z) = P_l^m(z) / sin^m(theta) by the three-term recursion
     A, B = [torch.ones_like(x)], [torch.zeros_like(x)]
@@ -74,18 +90,10 @@ def spherical_harmonics(vec: torch.Tensor, lmax: int, normalize: bool = True,
             if m == 0:
                 out[c] = norms[l, 0] * q
             else:
-                out[c + m] = norms[l, m] * q * A[m]
-                out[c - m] = norms[l, m] * q * B[m]
-    sh = torch.stack(out, dim=-1)
-    if normalization == "component":
-        sh = sh * math.sqrt(4 * math.pi)
-    elif normalization == "norm":
-        scale = torch.tensor([math.sqrt(4 * math.pi / (2 * l + 1)) for l in range(lmax + 1)
-                              for _ in range(2 * l + 1)], dtype=sh.dtype, device=sh.device)
-        sh = sh * scale
-    elif normalization != "integral":
-        raise InputError(f"normalization must be 'integral', 'component' or 'norm', not {normalization!r}")
-    return sh
+                nq = norms[l, m] * q
+                out[c + m] = nq * A[m]
+                out[c - m] = nq * B[m]
+    return out
 
 
 # ----------------------------------------------------------------------------- edge frame
@@ -172,8 +180,17 @@ def wigner_D_from_matrix(R: torch.Tensor, lmax: int) -> list[torch.Tensor]:
     if lmax < 0:
         raise InputError(f"lmax must be >= 0, got {lmax}")
     P, pinvs = _constants(lmax, R.dtype, R.device)
-    Y = spherical_harmonics((R @ P).transpose(-1, -2), lmax, normalize=False)  # [..., n, K]
-    return [Y[..., :, l * l:(l + 1) ** 2].transpose(-1, -2) @ pinvs[l] for l in range(lmax + 1)]
+    batch = R.shape[:-2]
+    R = R.reshape(-1, 3, 3)
+    # rotated fit points, one contiguous [E, n] tensor per coordinate (fast elementwise SH)
+    x, y, z = (R[:, c] @ P for c in range(3))
+    Y = _sh_components(x, y, z, lmax)
+    out = []
+    for l in range(lmax + 1):
+        Yl = torch.stack(Y[l * l:(l + 1) ** 2], dim=1)  # [E, 2l+1, n]
+        d = 2 * l + 1
+        out.append((Yl.reshape(-1, Yl.shape[-1]) @ pinvs[l]).reshape(*batch, d, d))  # one tall GEMM per l
+    return out
 
 
 def wigner_D(edge_vec: torch.Tensor, lmax: int) -> list[torch.Tensor]:
