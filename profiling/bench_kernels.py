@@ -12,12 +12,11 @@ the recompute overhead; the byte counts are the point.
 Prints a table, writes profiling/results/bench_kernels.json.
 """
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
+from _common import best_time, write_json
 
 from egnn.kernels import rotate_to_edge
 from egnn.nn import EdgeRotation, InteractionLayer
@@ -33,23 +32,6 @@ def make_inputs(E, C, lmax, device, avg_degree=60, seed=0, num_rbf=32):
     t = dict(x=torch.randn(N, K, C, generator=g), e=torch.randn(E, K, C, generator=g), src=src, dst=dst,
              vec=torch.randn(E, 3, generator=g), rbf=torch.rand(E, num_rbf, generator=g), env=torch.rand(E, generator=g))
     return {k: v.to(device) for k, v in t.items()}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device, reps):
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def run_layer(layer, rot, t, backward, grad=None):
@@ -98,10 +80,10 @@ def main(argv=None):
             r = dict(E=E, C=C, lmax=lmax, device=str(device))
             for name, layer in (("ref", ref), ("fused", fused)):
                 try:
-                    r[f"{name}_fwd_s"] = timeit(lambda: run_layer(layer, rot, t, False), device, args.reps)
+                    r[f"{name}_fwd_s"] = best_time(lambda: run_layer(layer, rot, t, False), args.reps, device)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    r[f"{name}_fwdbwd_s"] = timeit(lambda: run_layer(layer, rot, t, True), device, args.reps)
+                    r[f"{name}_fwdbwd_s"] = best_time(lambda: run_layer(layer, rot, t, True), args.reps, device)
                     r[f"{name}_peak_MB"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20
                                             if device.type == "cuda" else None)
                     # what autograd keeps between a training forward and its backward
@@ -113,8 +95,8 @@ def main(argv=None):
                     r[f"{name}_saved_B_per_edge"] = r[f"{name}_peak_MB"] = None
                     torch.cuda.empty_cache()
             if device.type == "cuda":  # the forward message transform's gather + rotation alone
-                tr = timeit(lambda: rotate_to_edge(t["x"], t["e"], t["src"], t["dst"], t["vec"], lmax, lmax), device,
-                            args.reps)
+                tr = best_time(lambda: rotate_to_edge(t["x"], t["e"], t["src"], t["dst"], t["vec"], lmax, lmax),
+                               args.reps, device)
                 r["rotate_to_edge_TBs"] = bytes_per * E / tr / 1e12
                 r["rotate_to_edge_frac_hbm"] = r["rotate_to_edge_TBs"] / args.hbm_tbs
             for k in ("fwd", "fwdbwd"):
@@ -132,10 +114,7 @@ def main(argv=None):
                   f"{r['speedup_fwdbwd']:>5.2f} {r['ref_saved_B_per_edge'] or 0:>10.0f} "
                   f"{r['fused_saved_B_per_edge'] or 0:>12.0f} {mb(r['ref_peak_MB']):>11} {mb(r['fused_peak_MB']):>13} "
                   f"{'-' if frac is None else f'{100 * frac:.0f}':>8}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(rows, args.out)
     return 0
 
 

@@ -11,12 +11,11 @@ Both use the same weights; the outputs are checked equal. Goal: >= 3x.
 Prints a table, writes profiling/results/bench_message.json.
 """
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
+from _common import best_time, write_json
 
 from egnn import so3
 from egnn.nn import EdgeRotation, SO2Convolution
@@ -59,20 +58,6 @@ def egnn_transform(rot, conv, msg, vec, scale):
     D = rot.wigner(vec)
     y, _ = conv(rot.to_edge(msg, D), scale)
     return rot.from_edge(y, D)
-
-
-def best_time(fn, reps, device):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main(argv=None):
@@ -120,10 +105,7 @@ def main(argv=None):
         print(f"{E:>9} {r['egnn_fwd_per_s']:>11.3g} {r['ref_fwd_per_s']:>11.3g} {r['speedup_fwd']:>5.2f} "
               f"{r['egnn_fwdbwd_per_s']:>11.3g} {r['ref_fwdbwd_per_s']:>11.3g} {r['speedup_fwdbwd']:>5.2f} "
               f"{r['egnn_saved_B_per_edge']:>11.0f} {r['ref_saved_B_per_edge']:>11.0f} {r['max_abs_diff']:>9.1e}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(rows, args.out)
     return 0
 
 

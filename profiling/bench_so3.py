@@ -8,29 +8,14 @@ Triton kernels (egnn.kernels) never materialise D at all. Goal: >= 100x.
 Prints a table, writes profiling/results/bench_so3.json.
 """
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
+from _common import best_time, write_json
 from e3nn import o3
 
 from egnn import so3
-
-
-def best_time(fn, reps, device):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def e3nn_wigner(vec, lmax):
@@ -64,10 +49,7 @@ def main(argv=None):
                  speedup=theirs / ours, check_max_abs_diff=diff)
         rows.append(r)
         print(f"{E:>9} {r['egnn_edges_per_s']:>13.3g} {r['e3nn_edges_per_s']:>13.3g} {r['speedup']:>8.1f} {diff:>10.1e}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(rows, args.out)
     return 0
 
 
