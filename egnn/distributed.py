@@ -339,17 +339,13 @@ class DistributedTrainer(Trainer):
         mine = (l1 * (w * sums[0] + sums[1]) + l2 * (w * sums[2] + sums[3])) / n
         everyone = (l1 * (w * stats[0] + stats[1]) + l2 * (w * stats[2] + stats[3])).to(mine.dtype) / n
         total = mine + (everyone - mine.detach())  # value: the global loss; gradient: this rank's share
-        if total.requires_grad:
-            total.register_hook(self._queue_sync)
-        else:
+        if not total.requires_grad:  # evaluation: no backward, so the step ends here
             self._end_step()
         return total, {"node_abs": float(stats[0]), "node_n": int(stats[4]), "edge_abs": float(stats[1]),
                        "edge_n": int(stats[5])}
 
-    def _queue_sync(self, grad):
-        # runs the gradient all-reduce once the whole backward pass is done (as DDP does)
-        torch.autograd.Variable._execution_engine.queue_callback(self.sync_grads)
-        return grad
+    def after_backward(self) -> None:
+        self.sync_grads()
 
     def sync_grads(self) -> None:
         """Sum parameter gradients over ranks in one flat all-reduce (missing grads count as zero)."""

@@ -304,9 +304,11 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.scale(loss).backward()
+                self.after_backward()
                 self.scaler.unscale_(self.opt)
             else:
                 loss.backward()
+                self.after_backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
             if self.scaler:
                 self.scaler.step(self.opt)
@@ -317,6 +319,9 @@ class Trainer:
             for k in stats:
                 stats[k] += st[k]
         return {"loss": tot / len(batches), **_maes(stats)}
+
+    def after_backward(self) -> None:
+        """Hook between backward and the optimizer step (the distributed trainer sums gradients here)."""
 
     @torch.no_grad()
     def evaluate(self, samples) -> dict:
