@@ -29,7 +29,7 @@ from .errors import InputError
 
 __all__ = ["pair_transform", "to_coupled", "from_coupled", "node_width", "edge_width", "extract",
            "node_blocks", "edge_blocks", "gamma_mode", "fold_index", "assemble", "gamma", "coverage",
-           "compact_to_padded", "pair_mask"]
+           "compact_to_padded", "pair_mask", "fold"]
 
 log = logging.getLogger("egnn")
 
@@ -327,6 +327,17 @@ def assemble(graph, node_out, edge_out, basis) -> dict:
         R = (int(key // (2048 * 2048)) - 1024, int(key // 2048 % 2048) - 1024, int(key % 2048) - 1024)
         out[R] = sp.csr_matrix((v[sel], (r[sel], c[sel])), shape=(n, n))
     return out
+
+
+def fold(node_out, edge_out, edge_fold, node_fold, num_pairs: int):
+    """Γ-only targets: per atom pair, Σ over images of the edge outputs plus, for i == i pairs, the
+    node output (zero-padded to the edge width). Torch tensors [N|E, G, w] -> [num_pairs, G, we]."""
+    import torch
+
+    out = edge_out.new_zeros((num_pairs,) + tuple(edge_out.shape[1:]))
+    out.index_add_(0, edge_fold.to(edge_out.device), edge_out)
+    pad = torch.nn.functional.pad(node_out, (0, edge_out.shape[-1] - node_out.shape[-1]))
+    return out.index_add_(0, node_fold.to(edge_out.device), pad)
 
 
 def gamma(HR: dict):

@@ -184,15 +184,7 @@ class Sample:
     def fold(self, node_out, edge_out):
         """'folded' mode: per-pair Γ prediction [P, G, edge_width] = Σ of the edge outputs of each
         atom pair plus the node output for i == i (node_out is zero-padded to the edge width)."""
-        import torch
-
-        P = len(self.pair_dst)
-        out = edge_out.new_zeros((P,) + tuple(edge_out.shape[1:]))
-        out.index_add_(0, self.edge_fold.to(edge_out.device), edge_out)
-        w = node_out.shape[-1]
-        pad = torch.nn.functional.pad(node_out, (0, edge_out.shape[-1] - w))
-        out.index_add_(0, self.node_fold.to(edge_out.device), pad)
-        return out
+        return B.fold(node_out, edge_out, self.edge_fold, self.node_fold, len(self.pair_dst))
 
 
 class Dataset:

@@ -51,24 +51,14 @@ MAX_PLOT_POINTS = 200_000
 
 # ----------------------------------------------------------------------------- valence
 def _potential_valence(inp_path: str) -> dict:
-    """{element: q} from the POTENTIAL GTH-...-qN lines of a CP2K input's &KIND sections."""
-    out, kind, elem = {}, None, None
-    with open(inp_path, errors="replace") as fh:
-        for line in fh:
-            t = line.split("!")[0].split("#")[0].split()
-            if not t:
-                continue
-            key = t[0].upper()
-            if key == "&KIND" and len(t) > 1:
-                kind, elem = t[1], re.match(r"[A-Za-z]{1,2}", t[1]).group(0).capitalize()
-            elif key == "&END" and len(t) > 1 and t[1].upper() == "KIND":
-                kind = None
-            elif kind and key == "ELEMENT" and len(t) > 1:
-                elem = t[1].capitalize()
-            elif kind and key == "POTENTIAL" and len(t) > 1:
-                m = re.search(r"-q(\d+)\b", t[-1], re.I)
-                if m:
-                    out[elem] = int(m.group(1))
+    """{element: q} from the POTENTIAL GTH-...-qN names of a CP2K input's &KIND sections."""
+    from .io.cp2k import parse_inp
+
+    out = {}
+    for k in parse_inp(inp_path).kinds.values():
+        m = re.search(r"-q(\d+)\b", k.get("potential") or "", re.I)
+        if m:
+            out[k["element"]] = int(m.group(1))
     return out
 
 

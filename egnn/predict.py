@@ -36,6 +36,8 @@ import scipy.sparse as sp
 import torch
 
 from .errors import EgnnError, InputError
+from .blocks import gamma
+from .io.cp2k import symmetrize  # noqa: F401  (re-exported; (H(R) + H(−R)ᵀ)/2 of the two edge predictions)
 from .io.structure import parse_tile, read_input  # noqa: F401  (re-exported)
 
 __all__ = ["read_input", "parse_tile", "predict_structure", "predict_blocks", "assemble_chunked",
@@ -135,20 +137,6 @@ def _assemble_edges(g, edge_out, basis):
     return out
 
 
-def symmetrize(HR: dict) -> dict:
-    """H(R) <- (H(R) + H(−R)ᵀ)/2: the model predicts the blocks [d, s](R) and [s, d](−R) from two
-    edges, which agree only up to the model's error; the symmetrised H is Hermitian at every k."""
-    out = {}
-    for R, M in HR.items():
-        other = HR.get(tuple(-x for x in R))
-        out[R] = ((M + other.T) * 0.5).tocsr() if other is not None else (M * 0.5).tocsr()
-    for R in list(HR):
-        mR = tuple(-x for x in R)
-        if mR not in out:
-            out[mR] = (HR[R].T * 0.5).tocsr()
-    return out
-
-
 def predict_structure(model, atoms, edge_chunk: int | None = DEFAULT_EDGE_CHUNK, device=None,
                       symmetric: bool = True, partition: str | None = None, return_graph: bool = False):
     """Predicted H(R) of an ase.Atoms as {shift: csr} (eV, internal e3nn orbital basis, shifts
@@ -218,13 +206,6 @@ def to_cp2k_order(M, basis, numbers):
     """Internal (e3nn) orbital order -> CP2K's: M_code = Tᵀ M T."""
     T = basis.transform(numbers, "cp2k")
     return (T.T @ sp.csr_matrix(M) @ T).tocsr()
-
-
-def _gamma(MR: dict):
-    out = None
-    for M in MR.values():
-        out = sp.csr_matrix(M, copy=True) if out is None else out + M
-    return out.tocsr()
 
 
 def _save_images(path, MR_code: dict):
@@ -300,7 +281,7 @@ def write_prediction(out_dir: str, stem: str, HR: dict, basis, atoms, S: dict | 
             if MR is None:
                 continue
             code = {R: to_cp2k_order(M, basis, numbers) for R, M in MR.items()}
-            G = _gamma(code)
+            G = gamma(code)
             sp.save_npz(os.path.join(tmp, f"{stem}_{name}.npz"), G, compressed=False)
             _save_images(os.path.join(tmp, f"{stem}_{name}R.npz"), code)
             meta[f"{name}_images"] = len(code)

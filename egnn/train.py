@@ -79,11 +79,10 @@ def collate(samples: list[Sample]) -> Sample:
 
 
 def fold_edges(sample: Sample, node_out: torch.Tensor, edge_out: torch.Tensor) -> torch.Tensor:
-    """Per-pair Γ blocks: Σ over images of the edge outputs, plus the node block for i == i pairs."""
-    P, K, C = sample.edge_target.shape
-    out = edge_out.new_zeros(P, K, C).index_add_(0, sample.fold, edge_out)
-    node = torch.nn.functional.pad(node_out, (0, C - node_out.shape[2]))
-    return out.index_add_(0, sample.fold_node, node)
+    """Per-pair Γ blocks of a folded sample (see `egnn.blocks.fold`)."""
+    from .blocks import fold
+
+    return fold(node_out, edge_out, sample.fold, sample.fold_node, len(sample.edge_target))
 
 
 def masked_loss(pred, target, mask, l1: float = 1.0, l2: float = 1.0):

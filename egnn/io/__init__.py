@@ -33,11 +33,9 @@ class Structure:
 
     def gamma(self, which: str = "H"):
         """M(k=Γ) = Σ_R M(R) (for a Γ-only structure, its one matrix)."""
-        M = getattr(self, which)
-        out = None
-        for m in M.values():
-            out = m.copy() if out is None else out + m
-        return out.tocsr()
+        from ..blocks import gamma
+
+        return gamma(getattr(self, which))
 
 
 from .cp2k import read_csr, read_run, write_csr  # noqa: E402

@@ -179,7 +179,7 @@ class Cp2kInput:
     pbc: np.ndarray
     labels: list  # kind label per atom, &COORD order
     positions: np.ndarray  # Å, as written
-    kinds: dict  # label -> {"element": str, "basis": str}
+    kinds: dict  # label -> {"element": str, "basis": str, "potential": str | None}
     upper_triangular: bool = False
     binary: bool = False
     real_space: bool = False
@@ -232,7 +232,7 @@ def parse_inp(path: str) -> Cp2kInput:
                 if len(t) < 2:
                     raise InputError(f"{path}:{ln_no}: &KIND needs a kind name")
                 kind = t[1]
-                kinds[kind] = {"element": _label_element(kind), "basis": None}
+                kinds[kind] = {"element": _label_element(kind), "basis": None, "potential": None}
             elif key == "&COORD":
                 pass
             elif key == "&KPOINTS":
@@ -266,6 +266,8 @@ def parse_inp(path: str) -> Cp2kInput:
                 pos.append([float(x) for x in t[1:4]])
             elif cur == "KIND" and key == "BASIS_SET":
                 kinds[kind]["basis"] = t[-1]
+            elif cur == "KIND" and key == "POTENTIAL":
+                kinds[kind]["potential"] = t[-1]
             elif cur == "KIND" and key == "ELEMENT":
                 kinds[kind]["element"] = t[1].capitalize()
             elif cur in ("KS_CSR_WRITE", "S_CSR_WRITE") and key in flags:
@@ -288,7 +290,7 @@ def parse_inp(path: str) -> Cp2kInput:
     pbc = np.array([ax in periodic for ax in "XYZ"]) if periodic != "NONE" else np.zeros(3, bool)
     for lab in set(labels):
         if lab not in kinds:
-            kinds[lab] = {"element": _label_element(lab), "basis": None}
+            kinds[lab] = {"element": _label_element(lab), "basis": None, "potential": None}
     for lab, k in kinds.items():
         if k["element"] not in _ELEMENTS:
             raise InputError(f"{path}: kind {lab}: unknown element {k['element']!r}; set ELEMENT in &KIND {lab}")
