@@ -31,20 +31,10 @@ import torch
 
 from . import blocks as B
 from .errors import InputError, warn_once
+from .io.cp2k import GTH_VALENCE
 
 __all__ = ["evaluate", "evaluate_sample", "valence_electrons", "make_plots", "GTH_VALENCE"]
 
-# GTH-PBE valence charges of CP2K's MOLOPT(-SR) pseudopotentials (the -qN of POTENTIAL GTH-PBE-qN),
-# used when the CP2K input is not at hand.
-GTH_VALENCE = {
-    "H": 1, "He": 2, "Li": 3, "Be": 4, "B": 3, "C": 4, "N": 5, "O": 6, "F": 7, "Ne": 8, "Na": 9, "Mg": 10,
-    "Al": 3, "Si": 4, "P": 5, "S": 6, "Cl": 7, "Ar": 8, "K": 9, "Ca": 10, "Sc": 11, "Ti": 12, "V": 13,
-    "Cr": 14, "Mn": 15, "Fe": 16, "Co": 17, "Ni": 18, "Cu": 11, "Zn": 12, "Ga": 13, "Ge": 4, "As": 5,
-    "Se": 6, "Br": 7, "Kr": 8, "Rb": 9, "Sr": 10, "Y": 11, "Zr": 12, "Nb": 13, "Mo": 14, "Tc": 15,
-    "Ru": 16, "Rh": 17, "Pd": 18, "Ag": 11, "Cd": 12, "In": 13, "Sn": 4, "Sb": 5, "Te": 6, "I": 7,
-    "Xe": 8, "Cs": 9, "Ba": 10, "Hf": 12, "Ta": 13, "W": 14, "Re": 15, "Os": 16, "Ir": 17, "Pt": 18,
-    "Au": 11, "Hg": 12, "Tl": 13, "Pb": 4, "Bi": 5, "Po": 6, "At": 7, "Rn": 8,
-}
 
 MAX_PLOT_POINTS = 200_000
 
@@ -76,7 +66,7 @@ def valence_electrons(symbols, source: str | None = None) -> tuple[int, str]:
         q = table.get(s, GTH_VALENCE.get(s))
         if q is None:
             raise InputError(f"no valence charge known for element {s}: give the CP2K run folder (its .inp "
-                             "names POTENTIAL GTH-...-qN) or add it to egnn.evaluate.GTH_VALENCE")
+                             "names POTENTIAL GTH-...-qN) or add it to egnn.io.cp2k.GTH_VALENCE")
         total += q
     return total, where
 

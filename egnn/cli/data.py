@@ -1,7 +1,9 @@
-"""`egnn data convert RUN_DIR... -o DATASET [--r-cut R]` and `egnn data info DATASET`."""
+"""`egnn data convert RUN_DIR... -o DATASET [--r-cut R]`, `egnn data info DATASET` and
+`egnn data generate PLAN... -o DIR` (new CP2K runs, see egnn.datagen)."""
 from __future__ import annotations
 
 import json
+import os
 
 
 def add_arguments(parser) -> None:
@@ -18,6 +20,14 @@ def add_arguments(parser) -> None:
     i = sub.add_parser("info", help="summarise a dataset")
     i.add_argument("dataset")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    g = sub.add_parser("generate", help="make new CP2K runs (rattled/strained/supercell families) with cp2k.psmp")
+    g.add_argument("plans", nargs="+", help="named plans: hfo2 (SZV), gete (DZVP); see egnn.datagen.PLANS")
+    g.add_argument("-o", "--output", required=True, help="folder for the run folders (created; resumable)")
+    g.add_argument("--family", action="append", default=None,
+                   help="only this family (repeatable), e.g. hfo2_m12_val")
+    g.add_argument("--np", type=int, default=2, help="MPI ranks per CP2K run (default 2)")
+    g.add_argument("--dry-run", action="store_true", help="write structures and inputs, run nothing")
+    g.add_argument("--list", action="store_true", help="list the families of the plans and exit")
 
 
 def _print(d: dict) -> None:
@@ -31,9 +41,29 @@ def _print(d: dict) -> None:
     print(f"coverage   min ‖H‖ fraction {c['min_frobenius']:.6f}, min non-zero fraction {c['min_nonzeros']:.6f}")
 
 
+def _generate(args) -> int:
+    from .. import datagen
+
+    fams = datagen.select(args.plans, args.family)
+    if args.list:
+        for f in fams:
+            n = len(datagen.prototype(f.proto)) * f.supercell[0] * f.supercell[1] * f.supercell[2]
+            print(f"{f.name:18s} {f.role:5s} {n:4d} atoms {f.basis:4s} sigma {f.sigma:.2f} A  strain {f.strain:.2f}  "
+                  f"k {'x'.join(map(str, f.kpoints)) if f.kpoints else 'Gamma'}  seeds {len(f.seeds)}")
+        return 0
+    os.makedirs(args.output, exist_ok=True)
+    datagen.write_plan(args.output, fams)
+    for f in fams:
+        print(f"{f.name}: {len(f.seeds)} structures -> {os.path.join(args.output, f.name)}")
+        datagen.run_family(f, os.path.join(args.output, f.name), np_ranks=args.np, dry_run=args.dry_run)
+    return 0
+
+
 def run(args) -> int:
     from ..dataset import convert, info
 
+    if args.data_command == "generate":
+        return _generate(args)
     if args.data_command == "convert":
         convert(args.sources, args.output, r_cut=args.r_cut, basis_file=args.basis_file,
                 overlap=not args.no_overlap, force=args.force, progress=not args.json)

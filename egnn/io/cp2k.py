@@ -27,6 +27,18 @@ import scipy.sparse as sp
 
 from ..errors import InputError
 
+# GTH-PBE valence charges of CP2K's MOLOPT(-SR) pseudopotentials (the -qN of POTENTIAL GTH-PBE-qN),
+# used when the CP2K input is not at hand.
+GTH_VALENCE = {
+    "H": 1, "He": 2, "Li": 3, "Be": 4, "B": 3, "C": 4, "N": 5, "O": 6, "F": 7, "Ne": 8, "Na": 9, "Mg": 10,
+    "Al": 3, "Si": 4, "P": 5, "S": 6, "Cl": 7, "Ar": 8, "K": 9, "Ca": 10, "Sc": 11, "Ti": 12, "V": 13,
+    "Cr": 14, "Mn": 15, "Fe": 16, "Co": 17, "Ni": 18, "Cu": 11, "Zn": 12, "Ga": 13, "Ge": 4, "As": 5,
+    "Se": 6, "Br": 7, "Kr": 8, "Rb": 9, "Sr": 10, "Y": 11, "Zr": 12, "Nb": 13, "Mo": 14, "Tc": 15,
+    "Ru": 16, "Rh": 17, "Pd": 18, "Ag": 11, "Cd": 12, "In": 13, "Sn": 4, "Sb": 5, "Te": 6, "I": 7,
+    "Xe": 8, "Cs": 9, "Ba": 10, "Hf": 12, "Ta": 13, "W": 14, "Re": 15, "Os": 16, "Ir": 17, "Pt": 18,
+    "Au": 11, "Hg": 12, "Tl": 13, "Pb": 4, "Bi": 5, "Po": 6, "At": 7, "Rn": 8,
+}
+
 __all__ = ["read_run", "read_csr", "write_csr", "parse_inp", "parse_out", "basis_shells",
            "cp2k_wrap_offsets", "HARTREE_EV"]
 

@@ -1,0 +1,107 @@
+"""egnn.datagen: deterministic structure families and CP2K inputs like the shipped runs (no CP2K needed)."""
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from egnn import datagen
+from egnn.cli import main
+from egnn.errors import ConfigError
+from egnn.io.cp2k import parse_inp
+
+SHIPPED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "egnn", "demo_data", "hfo2_kp", "*")))[0]
+
+
+def _settings(text):
+    """The lines of a CP2K input that are settings (neither coordinates, cell rows nor names)."""
+    skip = ("PROJECT", "A [", "B [", "C [")
+    out = []
+    in_coord = False
+    for line in text.splitlines():
+        s = line.strip()
+        in_coord = (in_coord or s == "&COORD") and s != "&END COORD"
+        if not in_coord and not s.startswith(skip):
+            out.append(s)
+    return out
+
+
+def test_inputs_have_the_shipped_settings(tmp_path):
+    fam = datagen.select(["hfo2"], ["hfo2_m12_d05"])[0]
+    atoms = datagen.make_structure(fam, 0)
+    text = datagen.cp2k_input(atoms, "x", fam.basis, fam.kpoints)
+    inp = glob.glob(os.path.join(SHIPPED, "*.inp"))[0]
+    assert _settings(text) == _settings(open(inp).read())
+    path = tmp_path / "x.inp"
+    path.write_text(text)
+    parsed = parse_inp(str(path))
+    assert parsed.symbols == atoms.get_chemical_symbols()
+    np.testing.assert_allclose(parsed.positions, atoms.positions, atol=1e-9)
+    np.testing.assert_allclose(parsed.cell, atoms.cell[:], atol=1e-9)
+
+
+def test_gamma_inputs_write_text_matrices():
+    fam = datagen.select(["hfo2"], ["hfo2_m96_d12"])[0]
+    text = datagen.cp2k_input(datagen.prototype("hfo2_m12"), "x", fam.basis, fam.kpoints)
+    assert "&KPOINTS" not in text and "BINARY F" in text and "REAL_SPACE F" in text and "THRESHOLD 0" in text
+
+
+@pytest.mark.parametrize("name", ["hfo2_m12_strain", "hfo2_m24_val", "gete_rs8_d20"])
+def test_structures_are_deterministic_and_physical(name):
+    fam = datagen.select(["hfo2", "gete"], [name])[0]
+    a, b = datagen.make_structure(fam, 1), datagen.make_structure(fam, 1)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_array_equal(a.cell[:], b.cell[:])
+    base = datagen.prototype(fam.proto).repeat(fam.supercell)
+    assert len(a) == len(base)
+    # the displacement has the family's σ (positions relative to the strained, unrattled cell)
+    frac = base.get_scaled_positions(wrap=False)
+    disp = a.positions - frac @ a.cell[:]
+    assert 0.6 * fam.sigma < disp.std() < 1.4 * fam.sigma
+    strain = np.linalg.solve(base.cell[:], a.cell[:]) - np.eye(3)
+    assert np.abs(strain).max() <= fam.strain + 1e-12
+    if fam.strain:
+        assert np.abs(strain).max() > 0.2 * fam.strain
+    d = a.get_all_distances(mic=True)
+    np.fill_diagonal(d, np.inf)
+    assert d.min() > 0.7 * datagen._min_distance(base) - 1e-9
+    assert not np.allclose(datagen.make_structure(fam, 2).positions, a.positions)
+
+
+def test_families_are_disjoint_and_validation_is_held_out():
+    fams = datagen.select(["hfo2", "gete"])
+    names = [f.run_name(s) for f in fams for s in f.seeds]
+    assert len(names) == len(set(names))
+    assert len({f.salt for f in fams}) == len(fams)
+    for plan in ("hfo2", "gete"):
+        roles = {f.role for f in datagen.PLANS[plan]}
+        assert roles == {"train", "val"}
+        sig_val = min(f.sigma for f in datagen.PLANS[plan] if f.role == "val")
+        sig_train = [f.sigma for f in datagen.PLANS[plan] if f.role == "train"]
+        assert np.median(sig_train) < sig_val  # held-out cells displace more than most training cells
+
+
+def test_cli_dry_run_and_resume(tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert main(["data", "generate", "gete", "-o", str(out), "--family", "gete_rs8_val", "--dry-run"]) == 0
+    runs = sorted(os.listdir(out / "gete_rs8_val"))
+    assert runs == [f"gete_rs8_val_s{k:04d}" for k in range(4)]
+    run = out / "gete_rs8_val" / runs[0]
+    assert (run / f"{runs[0]}.inp").is_file() and (run / f"{runs[0]}.xyz").is_file()
+    assert not datagen.is_complete(str(run), runs[0])
+    # a finished run (CP2K's closing line and both matrices) is skipped by the next call
+    (run / f"{runs[0]}.out").write_text("...\n  **** PROGRAM ENDED AT  2026-12-04\n")
+    for m in ("KS", "S"):
+        (run / f"{runs[0]}-{m}_SPIN_1_R_1-1_0.csr.gz").write_bytes(b"")
+    assert datagen.is_complete(str(run), runs[0])
+    rows = datagen.run_family(datagen.select(["gete"], ["gete_rs8_val"])[0], str(out / "gete_rs8_val"),
+                              dry_run=True, log=lambda *_: None)
+    assert rows[0]["status"] == "done earlier" and rows[1]["status"] == "input written"
+    assert "gete_rs8_val" in (out / "plan.json").read_text()
+
+
+def test_unknown_plan_or_family():
+    with pytest.raises(ConfigError, match="unknown plan"):
+        datagen.select(["nope"])
+    with pytest.raises(ConfigError, match="hfo2_m12_d05"):
+        datagen.select(["hfo2"], ["hfo2_m12_d99"])
