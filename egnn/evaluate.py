@@ -37,6 +37,7 @@ __all__ = ["evaluate", "evaluate_sample", "valence_electrons", "make_plots", "GT
 
 
 MAX_PLOT_POINTS = 200_000
+BAND_PATH_POINTS = 60  # k-points along ase's standard path of each cell
 
 
 # ----------------------------------------------------------------------------- valence
@@ -175,7 +176,7 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
 
     Hp = dense(pred_groups)
     Hp = 0.5 * (Hp + Hp.T)  # the model's [d, s](R) and [s, d](−R) blocks agree only up to its error
-    H_dft, S_dft, ref = None, None, "dataset (r_cut)"
+    H_dft, S_dft, ref, st = None, None, "dataset (r_cut)", None
     if source and os.path.isdir(source):
         try:
             from .io.cp2k import read_run
@@ -183,6 +184,8 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
             st = read_run(source)
             if len(st.atoms) == len(numbers) and np.array_equal(st.atoms.get_atomic_numbers(), numbers):
                 H_dft, S_dft, ref = st.gamma("H").toarray(), st.gamma("S").toarray(), "cp2k run"
+            else:
+                st = None
         except InputError as exc:
             warn_once(f"evaluate-ref-{source}", f"{source}: cannot read the CP2K run ({exc}); eigenvalues use "
                       "the dataset's matrices within r_cut")
@@ -213,9 +216,39 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
     res["gap_err_meV"] = 1000 * (res["gap_pred_eV"] - res["gap_dft_eV"])
     res["_arrays"] = {"err": err, "shifted": sh, "dist": dist_all, "node": kind, "pair": pair, "labels": labels,
                       "eig_d": d, "eig_dft": e_dft, "c": c}
+    if st is not None and not st.gamma_only and x.mode != "folded":
+        res.update(_band_figures(st, B.assemble(g, node, edge, basis), n_occ, c, res["_arrays"], keep))
     if keep:
         res["_arrays"].update(habs=habs, pabs=pabs, H_dft=H_dft, H_pred=Hp)
     return res
+
+
+def _band_figures(st, HR_pred, n_occ, c, arrays, keep) -> dict:
+    """Bands of predicted H(R) and DFT H(R) (both with the DFT S(R)) along ase's standard path and at
+    the run's Monkhorst-Pack points; errors as in egnn.bands.compare (raw and shift-removed)."""
+    from . import bands as BD
+    from .io.cp2k import symmetrize
+
+    HR_pred = symmetrize(HR_pred)  # the [d, s](R) and [s, d](−R) predictions agree only up to the error
+    kp, x, xs, labels = BD.kpath(st.atoms, BAND_PATH_POINTS)
+    mesh = st.meta.get("kpoint_mesh")
+    mp = BD.monkhorst_pack(mesh) if mesh else np.zeros((1, 3))
+    kpts = np.concatenate([kp, mp])
+    e_dft, e_pred = BD.bands(st.H, st.S, kpts), BD.bands(HR_pred, st.S, kpts)
+    out = BD.compare(e_pred, e_dft, n_occ)
+    out.update({k.replace("band_", "band_shifted_"): v for k, v in BD.compare(e_pred, e_dft, n_occ, shift=c).items()
+                if k in ("band_mae_meV", "band_occ_mae_meV", "band_empty_mae_meV")})
+    mp_only = BD.compare(e_pred[len(kp):], e_dft[len(kp):], n_occ)
+    out.update(band_mp_mae_meV=mp_only["band_mae_meV"], band_mp_mesh=list(mesh) if mesh else [1, 1, 1],
+               band_path="".join(labels), band_kpoints=len(kpts))
+    hi = min(e_dft.shape[1], n_occ + BD.N_EMPTY)
+    arrays["band_d"] = (e_pred[:, :hi] - e_dft[:, :hi]).ravel()
+    arrays["band_d_shifted"] = arrays["band_d"] - c
+    arrays["band_occ"] = np.broadcast_to(np.arange(hi) < n_occ, (len(kpts), hi)).ravel()
+    if keep:
+        arrays["bands"] = {"x": x, "special_x": xs, "labels": labels, "dft": e_dft[:len(kp)], "pred": e_pred[:len(kp)],
+                           "n_occ": n_occ}
+    return out
 
 
 # ----------------------------------------------------------------------------- aggregate
@@ -297,6 +330,17 @@ def evaluate(model, data, edge_chunk: int | None = None, bin_width: float = 1.0,
                eig_rel=float(np.abs(d).mean() / np.abs(e).mean()),
                eig_rel_shifted=float(np.abs(ds).mean() / np.abs(e).mean()),
                gap_mae_meV=float(np.mean([abs(p["gap_err_meV"]) for p in per])))
+    banded = [p for p in per if "band_d" in p["_arrays"]]
+    if banded:
+        bd = np.concatenate([p["_arrays"]["band_d"] for p in banded])
+        bds = np.concatenate([p["_arrays"]["band_d_shifted"] for p in banded])
+        bo = np.concatenate([p["_arrays"]["band_occ"] for p in banded])
+        out.update(band_structures=len(banded), band_mae_meV=1000 * float(np.abs(bd).mean()),
+                   band_occ_mae_meV=1000 * float(np.abs(bd[bo]).mean()),
+                   band_empty_mae_meV=1000 * float(np.abs(bd[~bo]).mean()),
+                   band_mae_shifted_meV=1000 * float(np.abs(bds).mean()),
+                   band_gap_mae_meV=float(np.mean([abs(p["band_gap_err_meV"]) for p in banded])),
+                   band_mp_mae_meV=float(np.mean([p["band_mp_mae_meV"] for p in banded])))
     out["eig_rel_percent"] = 100 * out["eig_rel"]
     out["eig_rel_shifted_percent"] = 100 * out["eig_rel_shifted"]
     out["per_structure"] = [{k: v for k, v in p.items() if k != "_arrays"} for p in per]
@@ -364,6 +408,14 @@ def make_plots(result: dict, out_dir: str, seed: int = 0) -> list[str]:
     axes[0].set_ylabel(a["name"])
     fig.colorbar(im, ax=axes, shrink=0.8, label="log10 eV")
     files.append(_save(fig, out_dir, "logH_pred_vs_dft.png"))
+    from .bands import plot_bands
+
+    for a in arr:
+        b = a.get("bands")
+        if b is not None:
+            name = f"bands_{a['name']}.png"
+            files.append(plot_bands(b["x"], b["special_x"], b["labels"], b["dft"], b["pred"], b["n_occ"],
+                                    os.path.join(out_dir, name), title=f"{a['name']}: DFT (solid), egnn (dashed)"))
     return files
 
 

@@ -51,6 +51,11 @@ def _print(r: dict, per_structure: bool) -> None:
           f"({r['eig_rel_percent']:.3f} %), shift removed {r['eig_mae_shifted_meV']:.2f} meV "
           f"({r['eig_rel_shifted_percent']:.3f} %); occupied {r['eig_occ_mae_meV']:.2f} meV, "
           f"first unoccupied {r['eig_lumo_mae_meV']:.2f} meV; band gap MAE {r['gap_mae_meV']:.2f} meV")
+    if "band_mae_meV" in r:
+        print(f"bands ({r['band_structures']} real-space structures; path + Monkhorst-Pack points; occupied + "
+              f"first empty bands): MAE {r['band_mae_meV']:.2f} meV (occupied {r['band_occ_mae_meV']:.2f}, empty "
+              f"{r['band_empty_mae_meV']:.2f}), shift removed {r['band_mae_shifted_meV']:.2f} meV; "
+              f"band gap MAE {r['band_gap_mae_meV']:.2f} meV")
     if per_structure:
         for s in r["per_structure"]:
             print(f"  {s['name']:32s} {s['mode']:10s} MAE {s['mae_meV']:9.2f} (shifted {s['mae_shifted_meV']:8.2f}) "
