@@ -21,6 +21,10 @@ from .nn.fused import FusedInteractionLayer
 
 __all__ = ["ModelConfig", "HamiltonianModel", "OutputHead"]
 
+ONSITE_MODES = ("node", "node+edges")
+# Σ over the ~100-200 incoming edges within 8-12 Å: keeps the initial onsite sum O(1)
+ONSITE_EDGE_NORM = 1.0 / 32.0
+
 
 @dataclass
 class ModelConfig:
@@ -36,6 +40,12 @@ class ModelConfig:
     # memory-lean fused layers (egnn.nn.fused): Triton kernels on CUDA, recompute in backward, ~5.5 kB
     # saved per edge and layer instead of ~63 kB; same parameters and results as the reference layers
     fused: bool = False
+    # onsite blocks (issue 11 ablations): "node" = the node head alone (the original model);
+    # "node+edges" adds Σ_{j->i} envelope(r_ij)·head([e_ij, x_i, x_j]) over the incoming edges, a
+    # two-centre expansion of the crystal field that the onsite energies follow
+    onsite: str = "node"
+    # what the node head reads: "last" = the final node embedding; "all" = every layer's, concatenated
+    node_head_input: str = "last"
 
     def __post_init__(self):
         if isinstance(self.basis, dict):
@@ -50,6 +60,10 @@ class ModelConfig:
             raise ConfigError(f"model: channels={self.channels} must be divisible by heads={self.heads}")
         if not self.r_cut > 0:
             raise ConfigError(f"model: r_cut must be > 0 Å, got {self.r_cut}")
+        if self.onsite not in ONSITE_MODES:
+            raise ConfigError(f"model: onsite must be one of {ONSITE_MODES}, got {self.onsite!r}")
+        if self.node_head_input not in ("last", "all"):
+            raise ConfigError(f"model: node_head_input must be 'last' or 'all', got {self.node_head_input!r}")
         for name in ("channels", "layers", "heads", "hidden", "num_rbf"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model: {name} must be >= 1, got {getattr(self, name)}")
@@ -115,7 +129,12 @@ class HamiltonianModel(nn.Module):
                                     for _ in range(cfg.layers))
         self.node_norm = EquivariantLayerNorm(cfg.lmax, C)
         self.edge_norm = EquivariantLayerNorm(cfg.lmax, C)
-        self.node_head = OutputHead(L, C, cfg.hidden, self.node_counts)
+        n_in = C * (cfg.layers + 1 if cfg.node_head_input == "all" else 1)
+        self.node_head = OutputHead(L, n_in, cfg.hidden, self.node_counts)
+        # per-layer norms of the embeddings the "all" node head reads besides the final one
+        self.layer_norms = nn.ModuleList(EquivariantLayerNorm(cfg.lmax, C) for _ in range(cfg.layers)) \
+            if cfg.node_head_input == "all" else None
+        self.onsite_head = OutputHead(L, 3 * C, cfg.hidden, self.node_counts) if cfg.onsite == "node+edges" else None
         self.edge_head = OutputHead(L, 3 * C, cfg.hidden, self.edge_counts)
         # H decays roughly exponentially with distance: a learned log-scale per output channel and
         # distance lets far blocks be small without squeezing them through the equivariant head
@@ -157,30 +176,62 @@ class HamiltonianModel(nn.Module):
         self._check(species, src, dst, edge_vec)
         exchange = exchange or (lambda t: t)
         x, e, rbf, envelope = self.embed(species, src, dst, edge_vec)
+        seen = []  # node embeddings after each layer but the last, for node_head_input "all"
         if edge_chunk and not torch.is_grad_enabled():
             chunks = edge_chunks(dst, edge_chunk)
             del rbf, envelope
             for layer in self.layers:
+                seen.append(x)
                 x, e = layer.forward_chunked(x, e, src, dst, self.rotation, chunks,
                                              lambda a, b: self.edge_features(edge_vec[a:b]), exchange)
             xn = self.node_norm(x)
             xe = exchange(xn)
-            edge = torch.cat([self._edge_out(e[a:b], xe, src[a:b], dst[a:b], self.rbf(edge_vec[a:b].norm(dim=-1)))
-                              for a, b in chunks]) if chunks else self._edge_out(e, xe, src, dst, self.rbf(edge_vec.norm(dim=-1)))
-            return self._node_stats(self.node_head(xn), species), edge
+            node = self._node_out(xn, seen)
+            edge = []
+            for a, b in chunks or [(0, 0)]:
+                dist = edge_vec[a:b].norm(dim=-1)
+                z = self._edge_input(e[a:b], xe, src[a:b], dst[a:b])
+                edge.append(self._edge_out(z, self.rbf(dist)))
+                self._add_onsite(node, z, dst[a:b], cosine_envelope(dist, self.config.r_cut))
+            return self._node_stats(node, species), torch.cat(edge)
         D = self.rotation.wigner(edge_vec)
         for layer in self.layers:
+            seen.append(x)
             x, e = layer(x, e, src, dst, self.rotation, D, rbf, envelope, exchange)
         xn = self.node_norm(x)
-        return self._node_stats(self.node_head(xn), species), self._edge_out(e, exchange(xn), src, dst, rbf)
+        z = self._edge_input(e, exchange(xn), src, dst)
+        node = self._node_out(xn, seen)
+        node = self._add_onsite(node, z, dst, envelope)
+        return self._node_stats(node, species), self._edge_out(z, rbf)
+
+    def _node_out(self, xn, seen):
+        """The node head on the final normalised embedding (and, for node_head_input "all", on the
+        normalised embeddings after the initial embedding and every layer but the last)."""
+        if self.layer_norms is None:
+            return self.node_head(xn)
+        return self.node_head(torch.cat([norm(x) for norm, x in zip(self.layer_norms, seen)] + [xn], dim=-1))
+
+    def _add_onsite(self, node, z, dst, envelope):
+        """node + Σ over incoming edges of the onsite head (onsite "node+edges"; dst-local, so a
+        rank's own edges give its own atoms' sums)."""
+        if self.onsite_head is None:
+            return node
+        part = self.onsite_head(z) * (envelope * ONSITE_EDGE_NORM).view(-1, 1, 1).to(z.dtype)
+        if torch.is_grad_enabled():
+            return node.index_add(0, dst, part.to(node.dtype))
+        return node.index_add_(0, dst, part.to(node.dtype))
 
     def edge_features(self, edge_vec):
         """(Wigner-D blocks, radial basis, envelope) of a set of edges."""
         dist = edge_vec.norm(dim=-1)
         return self.rotation.wigner(edge_vec), self.rbf(dist), cosine_envelope(dist, self.config.r_cut)
 
-    def _edge_out(self, e, xe, src, dst, rbf):
-        edge = self.edge_head(torch.cat([self.edge_norm(e), xe.index_select(0, src), xe.index_select(0, dst)], -1))
+    def _edge_input(self, e, xe, src, dst):
+        """[normalised edge embedding | x_src | x_dst], what the edge (and onsite) heads read."""
+        return torch.cat([self.edge_norm(e), xe.index_select(0, src), xe.index_select(0, dst)], -1)
+
+    def _edge_out(self, z, rbf):
+        edge = self.edge_head(z)
         scale = torch.exp(self.edge_log_scale(rbf)).unsqueeze(1) * self.edge_scale[self.row_L]
         return edge * scale.to(edge.dtype)
 

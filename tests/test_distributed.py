@@ -54,7 +54,7 @@ def make_model(dtype, seed=0):
 
     torch.manual_seed(seed)
     cfg = ModelConfig(basis=OrbitalBasis.explicit(BASIS), r_cut=3.5, lmax=2, mmax=2, channels=4, layers=2,
-                      heads=2, hidden=8, num_rbf=8)
+                      heads=2, hidden=8, num_rbf=8, onsite="node+edges", node_head_input="all")
     m = HamiltonianModel(cfg).to(dtype)
     with torch.no_grad():  # non-trivial output statistics, so the buffers matter too
         m.node_shift.uniform_(-1, 1)

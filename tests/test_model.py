@@ -28,9 +28,13 @@ def model(dtype=torch.float64, seed=0, **kw):
     return HamiltonianModel(ModelConfig(basis=HFO2, r_cut=5.0, **kw)).to(dtype)
 
 
+HEADS = [{}, {"onsite": "node+edges"}, {"node_head_input": "all"}, {"onsite": "node+edges", "node_head_input": "all"}]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_model_is_equivariant(dtype, tol):
-    m = model(dtype)
+@pytest.mark.parametrize("heads", HEADS)
+def test_model_is_equivariant(dtype, tol, heads):
+    m = model(dtype, **heads)
     _, g = hfo2()
     sp, src, dst, vec = inputs(g, dtype=dtype)
     with torch.no_grad():
@@ -130,8 +134,9 @@ def test_bad_config_and_input():
         radius_graph(atoms, 5.0)
 
 
-def test_chunked_inference_equals_full_forward():
-    m = model()
+@pytest.mark.parametrize("heads", HEADS)
+def test_chunked_inference_equals_full_forward(heads):
+    m = model(**heads)
     _, g = hfo2(r_cut=5.0)
     with torch.no_grad():
         n1, e1 = m(*inputs(g))
@@ -153,3 +158,22 @@ def test_fused_model_equals_reference_forward_and_gradients():
     assert (outs[0][0] - outs[1][0]).abs().max() < 1e-10 and (outs[0][1] - outs[1][1]).abs().max() < 1e-10
     for a, b in zip(outs[0][2], outs[1][2]):
         assert (a - b).abs().max() <= 1e-9 * max(1.0, a.abs().max().item())
+
+
+def test_onsite_edge_head_sums_over_incoming_edges():
+    """With onsite "node+edges" the node blocks change when a neighbour moves, through the edge sum
+    alone (the node head's input is unchanged when only the last layer is ablated away)."""
+    m = model(onsite="node+edges", layers=1)
+    _, g = hfo2()
+    sp, src, dst, vec = inputs(g)
+    with torch.no_grad():
+        n1, _ = m(sp, src, dst, vec)
+        m.onsite_head.lin2.weight.zero_()
+        m.onsite_head.lin2.bias.zero_()
+        n0, _ = m(sp, src, dst, vec)
+    assert (n1 - n0).abs().max() > 1e-3  # the edge sum contributes
+    assert model(onsite="node+edges").state_dict().keys() > model().state_dict().keys()
+    with pytest.raises(EgnnError, match="onsite"):
+        ModelConfig(basis=HFO2, onsite="edges")
+    with pytest.raises(EgnnError, match="node_head_input"):
+        ModelConfig(basis=HFO2, node_head_input="first")
