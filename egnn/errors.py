@@ -21,6 +21,10 @@ class DistributedError(EgnnError, RuntimeError):
     """A world or plan that does not match."""
 
 
+class KernelError(EgnnError, RuntimeError):
+    """A Triton kernel that cannot run the call it was forced to (backend="triton")."""
+
+
 def warn_once(key: str, message: str) -> None:
     """Log a fallback or warning once per process (never silently)."""
     if key in _said:

@@ -6,6 +6,9 @@
 * `wigner_D(vec, lmax)`              the edge-frame Wigner-D blocks (the product of the two above)
 * `wigner_3j(l1, l2, l3)` / `clebsch_gordan(l1, l2, l3)`  coupling coefficients in the same basis
 * `l_to_m_major(lmax, mmax)`         EquiformerV2's m-major row order
+* `rotate_to_m_major(x, D, mmax)` / `rotate_from_m_major(y, D, lmax)`   into / out of the edge
+  frame with only the rows |m| <= mmax of each block (the reduced Wigner blocks)
+* `generators(lmax)`                 the so(3) generators L_x, L_y, L_z per degree (for forces)
 
 Wigner-D is closed form: D^l(R) Y^l(P) = Y^l(R P) for any point set P, so with a fixed, well
 conditioned set of 2·lmax+1 points, D^l(R) = Y^l(R P) · pinv(Y^l(P)). That is a polynomial of
@@ -25,6 +28,7 @@ from .errors import InputError
 __all__ = [
     "spherical_harmonics", "edge_rotation", "wigner_D_from_matrix", "wigner_D", "wigner_3j",
     "clebsch_gordan", "l_to_m_major", "m_major_sizes", "num_coefficients", "rotate", "rotate_back",
+    "rotate_to_m_major", "rotate_from_m_major", "generators", "turn_about_polar_axis",
 ]
 
 
@@ -206,6 +210,79 @@ def rotate(x: torch.Tensor, D: list[torch.Tensor]) -> torch.Tensor:
 def rotate_back(x: torch.Tensor, D: list[torch.Tensor]) -> torch.Tensor:
     """Apply the inverse rotation D^T block by block."""
     return torch.cat([D[l].transpose(-1, -2) @ x[:, l * l:(l + 1) ** 2] for l in range(len(D))], dim=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _reduced_plan(lmax: int, mmax: int):
+    """(start, count) of the kept rows |m| <= mmax inside each l block, and the permutations between
+    the l-major order of the kept rows and the m-major order."""
+    keep = [(l - min(l, mmax), 2 * min(l, mmax) + 1) for l in range(lmax + 1)]
+    reduced = [l * l + a + i for l, (a, n) in enumerate(keep) for i in range(n)]  # l-major rows kept
+    pos = {r: i for i, r in enumerate(reduced)}
+    to_m = torch.tensor([pos[r] for r in _m_major(lmax, mmax)], dtype=torch.long)
+    from_m = torch.empty_like(to_m)
+    from_m[to_m] = torch.arange(len(to_m))
+    return keep, to_m, from_m
+
+
+def rotate_to_m_major(x: torch.Tensor, D: list[torch.Tensor], mmax: int) -> torch.Tensor:
+    """The rows |m| <= mmax of D x in m-major order ([E, K_m, C]), computed with the reduced blocks
+    D^l[rows |m| <= mmax] only: (2·min(l, mmax)+1) × (2l+1) per degree instead of (2l+1)²."""
+    lmax = len(D) - 1
+    keep, to_m, _ = _reduced_plan(lmax, mmax)
+    out = torch.cat([D[l].narrow(-2, a, n) @ x[:, l * l:(l + 1) ** 2] for l, (a, n) in enumerate(keep)], dim=1)
+    return out.index_select(1, to_m.to(x.device))
+
+
+def rotate_from_m_major(y: torch.Tensor, D: list[torch.Tensor], mmax: int) -> torch.Tensor:
+    """Dᵀ of m-major edge-frame rows |m| <= mmax ([E, K_m, C]) back to l-major [E, (lmax+1)², C]
+    (the dropped rows count as zero), with the reduced blocks."""
+    lmax = len(D) - 1
+    keep, _, from_m = _reduced_plan(lmax, mmax)
+    y = y.index_select(1, from_m.to(y.device))
+    out, row = [], 0
+    for l, (a, n) in enumerate(keep):
+        out.append(D[l].narrow(-2, a, n).transpose(-1, -2) @ y[:, row:row + n])
+        row += n
+    return torch.cat(out, dim=1)
+
+
+def turn_about_polar_axis(y: torch.Tensor, angle: torch.Tensor, lmax: int, mmax: int) -> torch.Tensor:
+    """m-major edge-frame rows turned by `angle` [E] about the polar axis (the frame's roll): each
+    (+m, −m) pair of rows maps to (cos mθ·y₊ − sin mθ·y₋, sin mθ·y₊ + cos mθ·y₋), exactly the
+    rotation's Wigner-D in this basis; m = 0 rows are unchanged."""
+    parts, row = [y[:, :lmax + 1]], lmax + 1
+    for m in range(1, mmax + 1):
+        n = lmax + 1 - m
+        c = torch.cos(m * angle).to(y.dtype).view(-1, 1, 1)
+        s = torch.sin(m * angle).to(y.dtype).view(-1, 1, 1)
+        yp, ym = y[:, row:row + n], y[:, row + n:row + 2 * n]
+        parts += [c * yp - s * ym, s * yp + c * ym]
+        row += 2 * n
+    return torch.cat(parts, dim=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _generators_np(lmax: int) -> list[np.ndarray]:
+    K = np.array([[[0, 0, 0], [0, 0, -1], [0, 1, 0]], [[0, 0, 1], [0, 0, 0], [-1, 0, 0]],
+                  [[0, -1, 0], [1, 0, 0], [0, 0, 0]]], dtype=np.float64)
+    out = [np.zeros((3, 2 * l + 1, 2 * l + 1)) for l in range(lmax + 1)]
+    eye = torch.eye(3, dtype=torch.float64)
+    _fit_constants(lmax)  # numpy constants first: they cannot be built inside the jvp transform
+    for k in range(3):
+        # D is a polynomial in R's entries: its derivative along K at the identity, exactly (forward mode)
+        Kk = torch.from_numpy(K[k])
+        _, tangents = torch.func.jvp(lambda e: tuple(wigner_D_from_matrix(eye + e * Kk, lmax)),
+                                     (torch.zeros((), dtype=torch.float64),), (torch.ones((), dtype=torch.float64),))
+        for l, t in enumerate(tangents):
+            out[l][k] = t.numpy()
+    return out
+
+
+def generators(lmax: int, dtype=torch.float64, device=None) -> list[torch.Tensor]:
+    """[3, 2l+1, 2l+1] per l: L_k = d/dε D^l(exp(ε K_k)) at ε = 0, K_k the rotation about axis k
+    (x, y, z). Skew-symmetric; D^l(exp(ε K_k)) = exp(ε L_k)."""
+    return [torch.as_tensor(g, dtype=dtype, device=device) for g in _generators_np(lmax)]
 
 
 # ----------------------------------------------------------------------------- coupling

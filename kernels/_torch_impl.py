@@ -1,29 +1,25 @@
-"""Pure-PyTorch twins of the Triton ops: the oracle for tests and the CPU implementation.
+"""The pure-PyTorch twins of the Triton ops: the CPU implementation, the test oracle, and the one
+place where the maths of every op is written (egnn.nn layers call the ops, never their own copy).
 
-They compose the reference layers' math (egnn.so3.wigner_D, l<->m-major permutation, per-m
-matmuls, segment softmax) and are fully differentiable, so `gradcheck` applies to them directly.
-Shapes follow the EquiformerV2/fairchem layout: l-major [rows, (lmax+1)^2, C], m-major
-[E, K_m, C] (rows with |m| > mmax left out).
+Plain differentiable torch code, so `gradcheck`, forces (gradients to the edge vectors) and double
+backward all work on them. Shapes follow the EquiformerV2/fairchem layout: l-major [rows,
+(lmax+1)², C], m-major edge frame [E, K_m, C] (rows with |m| > mmax left out). `roll` [E] (radians,
+optional) turns each edge frame about its axis after egnn.so3.edge_rotation's frame; it is a choice
+of frame, not a variable: no gradient flows to it.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
 from egnn import so3
 
 
-@functools.lru_cache(maxsize=None)
-def _perms(lmax: int, mmax: int):
-    perm = so3.l_to_m_major(lmax, mmax)
-    inv = torch.full(((lmax + 1) ** 2,), len(perm), dtype=torch.long)  # dropped rows -> a zero row
-    inv[perm] = torch.arange(len(perm))
-    return perm, inv
+def _acc(dtype):
+    return torch.promote_types(dtype, torch.float32)
 
 
-def _wigner(edge_vec: torch.Tensor, lmax: int, dtype) -> list[torch.Tensor]:
-    return [d.to(dtype) for d in so3.wigner_D(edge_vec.to(torch.promote_types(dtype, torch.float32)), lmax)]
+def edge_frames(edge_vec: torch.Tensor, lmax: int, dtype) -> list[torch.Tensor]:
+    return [d.to(dtype) for d in so3.wigner_D(edge_vec.to(_acc(dtype)), lmax)]
 
 
 def gather_message(x, e, src, dst):
@@ -36,23 +32,25 @@ def gather_message(x, e, src, dst):
     return torch.cat(parts, dim=-1)
 
 
-def rotate_to_edge(x, e, src, dst, edge_vec, lmax: int, mmax: int):
-    """Gather [x_src | x_dst | e] ([E, (lmax+1)^2, 2C_x + C_e]), rotate into each edge frame and
-    permute to m-major: [E, K_m, 2C_x + C_e]."""
+def rotate_to_edge(x, e, src, dst, edge_vec, lmax: int, mmax: int, roll=None):
+    """Gather [x_src | x_dst | e] ([E, (lmax+1)², 2C_x + C_e]) and rotate it into each edge frame,
+    keeping the m-major rows |m| <= mmax (reduced Wigner blocks): [E, K_m, 2C_x + C_e]."""
     msg = gather_message(x, e, src, dst)
-    acc = torch.promote_types(msg.dtype, torch.float32)
-    D = _wigner(edge_vec, lmax, acc)
-    perm, _ = _perms(lmax, mmax)
-    return so3.rotate(msg.to(acc), D).index_select(1, perm.to(msg.device)).to(msg.dtype)
+    acc = _acc(msg.dtype)
+    y = so3.rotate_to_m_major(msg.to(acc), edge_frames(edge_vec, lmax, acc), mmax)
+    if roll is not None:
+        y = so3.turn_about_polar_axis(y, roll.detach().to(acc), lmax, mmax)
+    return y.to(msg.dtype)
 
 
-def rotate_back(y, edge_vec, lmax: int, mmax: int):
-    """m-major edge frame [E, K_m, C] -> l-major global frame [E, (lmax+1)^2, C] (D^T; rows with
-    |m| > mmax come back as zero)."""
-    acc = torch.promote_types(y.dtype, torch.float32)
-    _, inv = _perms(lmax, mmax)
-    z = torch.cat([y.to(acc), y.new_zeros(y.shape[0], 1, y.shape[2], dtype=acc)], 1).index_select(1, inv.to(y.device))
-    return so3.rotate_back(z, _wigner(edge_vec, lmax, acc)).to(y.dtype)
+def rotate_back(y, edge_vec, lmax: int, mmax: int, roll=None):
+    """m-major edge frame [E, K_m, C] -> l-major global frame [E, (lmax+1)², C] (Dᵀ; rows with
+    |m| > mmax count as zero)."""
+    acc = _acc(y.dtype)
+    z = y.to(acc)
+    if roll is not None:
+        z = so3.turn_about_polar_axis(z, -roll.detach().to(acc), lmax, mmax)
+    return so3.rotate_from_m_major(z, edge_frames(edge_vec, lmax, acc), mmax).to(y.dtype)
 
 
 def so2_linear(x, scale, w0, b0, ws, lmax: int, mmax: int, cout: int):
@@ -77,25 +75,58 @@ def so2_linear(x, scale, w0, b0, ws, lmax: int, mmax: int, cout: int):
 
 def segment_softmax(logits, dst, num_nodes: int):
     """Softmax of logits [E, H] over the edges of each destination, float32 accumulation."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    z = logits.to(_acc(logits.dtype))
     idx = dst.unsqueeze(1).expand(-1, z.shape[1])
     zmax = z.new_full((num_nodes, z.shape[1]), -torch.inf).scatter_reduce(0, idx, z, "amax", include_self=True)
     ez = torch.exp(z - zmax.index_select(0, dst).detach())
     return ez / z.new_zeros(num_nodes, z.shape[1]).index_add_(0, dst, ez).index_select(0, dst)
 
 
-def attention_aggregate(values, logits, dst, num_nodes: int, edge_vec=None, lmax: int = 0, mmax: int = 0):
+def attention_aggregate(values, logits, dst, num_nodes: int, edge_vec=None, lmax: int = 0, mmax: int = 0, roll=None):
     """out[d] = Σ_{e->d} softmax_e(logits)[h] · v_e[:, channels of head h], in float32, cast back.
 
     With `edge_vec`, `values` are m-major edge-frame messages and v_e = rotate_back(values) (the
-    fused rotate back + aggregation); without, `values` are l-major [E, K, C] already."""
-    acc = torch.promote_types(values.dtype, torch.float32)
+    fused rotate back + aggregation); without, `values` are l-major [E, K, C] already (any K)."""
+    acc = _acc(values.dtype)
     v = values.to(acc)
     if edge_vec is not None:
-        v = rotate_back(v, edge_vec, lmax, mmax)
+        v = rotate_back(v, edge_vec, lmax, mmax, roll)
     E, K, C = v.shape
     H = logits.shape[1]
     alpha = segment_softmax(logits, dst, num_nodes).to(acc)
     w = (v.view(E, K, H, C // H) * alpha.view(E, 1, H, 1)).view(E, K, C)
     out = torch.zeros((num_nodes, K, C), dtype=acc, device=values.device).index_add_(0, dst, w)
     return out.to(values.dtype)
+
+
+# ----------------------------------------------------------------------------- forces (used by the Triton ops' backward)
+def generator_dot(u, x, lmax: int) -> torch.Tensor:
+    """H[e, j] = Σ_{l, c} u^l · (L_j^l x^l) for l-major u, x [E, (lmax+1)², C]: how <u, D x> changes
+    when the frame turns about global axis j (egnn.so3.generators)."""
+    acc = _acc(u.dtype)
+    L = so3.generators(lmax, acc, u.device)
+    H = u.new_zeros(u.shape[0], 3, dtype=acc)
+    for l in range(1, lmax + 1):
+        ul, xl = u[:, l * l:(l + 1) ** 2].to(acc), x[:, l * l:(l + 1) ** 2].to(acc)
+        H = H + torch.einsum("eic,jik,ekc->ej", ul, L[l], xl)
+    return H
+
+
+def frame_grad(edge_vec, H, roll=None):
+    """dLoss/d(edge_vec) [E, 3] from H = d Loss/d(frame turns) in the global axes, for a loss that
+    depends on the edge frame R(v) only through D(R): with a left turn exp(ε·K) R, dLoss/dε = R H,
+    and ε(v) = vee(R(v) R(v₀)ᵀ) to first order."""
+    with torch.enable_grad():
+        v = edge_vec.detach().requires_grad_()
+        R = so3.edge_rotation(v.to(H.dtype))
+        if roll is not None:
+            c, s = torch.cos(roll).to(H.dtype), torch.sin(roll).to(H.dtype)
+            z, o = torch.zeros_like(c), torch.ones_like(c)
+            Ry = torch.stack([torch.stack([c, z, s], -1), torch.stack([z, o, z], -1), torch.stack([-s, z, c], -1)], -2)
+            R = Ry @ R
+        R0 = R.detach()
+        W = R @ R0.transpose(-1, -2)
+        eps = 0.5 * torch.stack([W[:, 2, 1] - W[:, 1, 2], W[:, 0, 2] - W[:, 2, 0], W[:, 1, 0] - W[:, 0, 1]], -1)
+        G = (R0 @ H.unsqueeze(-1)).squeeze(-1)
+        (g,) = torch.autograd.grad((G * eps).sum(), v)
+    return g.to(edge_vec.dtype)

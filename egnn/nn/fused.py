@@ -9,7 +9,8 @@ activations) lives between forward and backward; backward recomputes them.
 
 `FusedInteractionLayer` subclasses `InteractionLayer` (identical state dict) and its forward takes
 the same arguments; the edge vectors come from `D` when it is the `EdgeFrame` that
-`EdgeRotation.wigner` returns, or from `edge_vec=`.
+`EdgeRotation.wigner` returns, or from `edge_vec=`. Gradients reach the edge vectors (forces)
+through the recompute region and the ops.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from .. import kernels
 from ..errors import InputError
-from . import backend as _backend
+from ..kernels import backend as _backend
 from .layers import InteractionLayer, _identity
 
 
@@ -79,7 +80,6 @@ class FusedInteractionLayer(InteractionLayer):
         if edge_vec is None:
             raise InputError("FusedInteractionLayer: no edge vectors; pass D from EdgeRotation.wigner(edge_vec) "
                              "(an EdgeFrame) or edge_vec=")
-        edge_vec = edge_vec.detach()  # the kernels rebuild D from it; no force gradients on this path
         n = x.shape[0]
         with nvtx.annotate("egnn/node_update"):
             xn = exchange(self.node_norm(x))

@@ -5,8 +5,8 @@ every degree l by the angle m·phi, so a linear map that commutes with it may mi
 only within one m: a plain matrix on the m = 0 rows, and [[W1, -W2], [W2, W1]] on each ±m pair.
 That is the SO(2) linear; everything here is in the m-major row order of `so3.l_to_m_major`.
 
-Every layer takes `backend="auto" | "triton" | "torch"` (egnn.nn.backend): "auto" runs the Triton
-kernels of egnn.kernels on CUDA and this file's PyTorch code (the oracle) on CPU.
+Every layer takes `backend="auto" | "triton" | "torch"` (egnn.kernels.backend) and calls the ops of
+egnn.kernels, which hold the one implementation of the maths (Triton kernels and their PyTorch twins).
 """
 from __future__ import annotations
 
@@ -15,24 +15,24 @@ import math
 import torch
 from torch import nn
 
-from .. import so3
+from .. import kernels, so3
 from ..errors import InputError
-from . import backend as _backend
+from ..kernels import backend as _backend
 
 
 class EdgeFrame(list):
-    """The per-l Wigner-D blocks of a set of edges (a list, as before) that also carries the edge
-    vectors, so the Triton path can rebuild D inside its kernels instead of reading it. On the
-    Triton backend the blocks are only computed if something indexes them."""
+    """The per-l Wigner-D blocks of a set of edges (a list) that also carries the edge vectors (and
+    an optional roll), so the Triton path can rebuild D inside its kernels instead of reading it.
+    On the Triton backend the blocks are only computed if something indexes them."""
 
-    def __init__(self, edge_vec: torch.Tensor, lmax: int, lazy: bool):
-        super().__init__([] if lazy else so3.wigner_D(edge_vec, lmax))
-        self.edge_vec, self.lmax, self._lazy = edge_vec, lmax, lazy
+    def __init__(self, edge_vec: torch.Tensor, lmax: int, lazy: bool, roll: torch.Tensor | None = None):
+        super().__init__([] if lazy else _blocks(edge_vec, lmax, roll))
+        self.edge_vec, self.lmax, self.roll, self._lazy = edge_vec, lmax, roll, lazy
 
     def _fill(self):
         if self._lazy:
             self._lazy = False
-            super().extend(so3.wigner_D(self.edge_vec, self.lmax))
+            super().extend(_blocks(self.edge_vec, self.lmax, self.roll))
 
     def __getitem__(self, i):
         self._fill()
@@ -45,6 +45,16 @@ class EdgeFrame(list):
     def __iter__(self):
         self._fill()
         return super().__iter__()
+
+
+def _blocks(edge_vec, lmax, roll):
+    D = so3.wigner_D(edge_vec, lmax)
+    if roll is None:
+        return D
+    c, s = torch.cos(roll).to(edge_vec.dtype), torch.sin(roll).to(edge_vec.dtype)
+    z, o = torch.zeros_like(c), torch.ones_like(c)
+    Ry = torch.stack([torch.stack([c, z, s], -1), torch.stack([z, o, z], -1), torch.stack([-s, z, c], -1)], -2)
+    return [a @ d for a, d in zip(so3.wigner_D_from_matrix(Ry, lmax), D)]
 
 
 def check_degrees(lmax: int, mmax: int) -> None:
@@ -65,42 +75,34 @@ class EdgeRotation(nn.Module):
         mmax = lmax if mmax is None else mmax
         check_degrees(lmax, mmax)
         self.lmax, self.mmax, self.backend = lmax, mmax, _backend.check_backend(backend)
-        perm = so3.l_to_m_major(lmax, mmax)
-        self.register_buffer("perm", perm, persistent=False)
-        inv = torch.full(((lmax + 1) ** 2,), len(perm), dtype=torch.long)  # dropped rows -> zero row
-        inv[perm] = torch.arange(len(perm))
-        self.register_buffer("inv_perm", inv, persistent=False)
+        self.register_buffer("perm", so3.l_to_m_major(lmax, mmax), persistent=False)  # l-major row of each m-major row
 
     @property
     def num_rows(self) -> int:
         return len(self.perm)
 
     def _triton(self, t: torch.Tensor, D) -> bool:
-        edge_vec = getattr(D, "edge_vec", None)
-        if edge_vec is None:
-            return False
-        grad = edge_vec.requires_grad and torch.is_grad_enabled()
-        return _backend.resolve(self.backend, t.device, self.lmax, grad) == "triton"
+        return getattr(D, "edge_vec", None) is not None and \
+            _backend.resolve(self.backend, t.device, self.lmax, t.dtype) == "triton"
 
-    def wigner(self, edge_vec: torch.Tensor) -> list[torch.Tensor]:
-        """The per-l blocks (an `EdgeFrame`: a list that also holds edge_vec)."""
-        lazy = _backend.resolve(self.backend, edge_vec.device, self.lmax) == "triton"
+    def wigner(self, edge_vec: torch.Tensor, roll: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The per-l blocks (an `EdgeFrame`: a list that also holds edge_vec and roll). `roll` [E]
+        (radians) turns each frame about its edge axis."""
+        lazy = _backend.resolve(self.backend, edge_vec.device, self.lmax, edge_vec.dtype) == "triton"
         if lazy:
             so3._check_vectors(edge_vec)
-        return EdgeFrame(edge_vec, self.lmax, lazy)
+        return EdgeFrame(edge_vec, self.lmax, lazy, roll)
 
     def to_edge(self, x: torch.Tensor, D: list[torch.Tensor]) -> torch.Tensor:
         if self._triton(x, D):
-            from ..kernels import rotate_to_edge
-            return rotate_to_edge(None, x, None, None, D.edge_vec, self.lmax, self.mmax, backend="triton")
-        return so3.rotate(x, D).index_select(1, self.perm)
+            return kernels.rotate_to_edge(None, x, None, None, D.edge_vec, self.lmax, self.mmax, backend=self.backend,
+                                          roll=D.roll)
+        return so3.rotate_to_m_major(x, D, self.mmax)
 
     def from_edge(self, y: torch.Tensor, D: list[torch.Tensor]) -> torch.Tensor:
         if self._triton(y, D):
-            from ..kernels import rotate_back
-            return rotate_back(y, D.edge_vec, self.lmax, self.mmax, backend="triton")
-        y = torch.cat([y, y.new_zeros(y.shape[0], 1, y.shape[2])], dim=1).index_select(1, self.inv_perm)
-        return so3.rotate_back(y, D)
+            return kernels.rotate_back(y, D.edge_vec, self.lmax, self.mmax, backend=self.backend, roll=D.roll)
+        return so3.rotate_from_m_major(y, D, self.mmax)
 
 
 class SO2Linear(nn.Module):
@@ -128,25 +130,8 @@ class SO2Linear(nn.Module):
             self.m0.weight.mul_(1.0 / math.sqrt(2.0))
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None):
-        if _backend.resolve(self.backend, x.device, self.lmax) == "triton":
-            from ..kernels import so2_linear
-            return so2_linear(x, scale, self.m0.weight, self.m0.bias, list(self.w), self.lmax, self.mmax, self.cout,
-                              backend="triton")
-        if scale is not None:
-            x = x * scale
-        E = x.shape[0]
-        n0 = self.sizes[0]
-        y0 = self.m0(x[:, :n0].reshape(E, -1))
-        extra = y0[:, n0 * self.cout:]
-        out = [y0[:, :n0 * self.cout].reshape(E, n0, self.cout)]
-        row = n0
-        for m, n in enumerate(self.sizes[1:], start=1):
-            xm = x[:, row:row + 2 * n].reshape(E, 2, n * self.cin)  # (+m rows, -m rows)
-            y = (xm @ self.w[m - 1]).view(E, 2, 2, n, self.cout)  # [E, ±, (W1, W2), n, C]
-            out.append(y[:, 0, 0] - y[:, 1, 1])  # +m: W1 x+ - W2 x-
-            out.append(y[:, 0, 1] + y[:, 1, 0])  # -m: W2 x+ + W1 x-
-            row += 2 * n
-        return torch.cat(out, dim=1), extra
+        return kernels.so2_linear(x, scale, self.m0.weight, self.m0.bias, list(self.w), self.lmax, self.mmax, self.cout,
+                                  backend=self.backend)
 
 
 def m_major_degrees(lmax: int, mmax: int) -> torch.Tensor:
