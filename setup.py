@@ -3,13 +3,15 @@
 Environment:
   EGNN_SKIP_EXT=1        build no extension (the package then runs on its pure-PyTorch paths)
   EGNN_FORCE_CUDA=1      compile the CUDA sources even without a CUDA torch / visible GPU
-  TORCH_CUDA_ARCH_LIST   CUDA archs (default "9.0a", Hopper: H100/H200/GH200)
+  TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0+PTX": A100 and Hopper H100/H200/GH200 machine code,
+                         plus PTX that the driver compiles for newer GPUs such as L40 or B200)
 """
 import glob
 import os
 
 from setuptools import setup
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # nothing in csrc/ is Hopper-only, so sm_90a would lock A100 users out
 PACKAGE_DIR = {"egnn": "egnn", "egnn.kernels": "kernels", "egnn.comm": "comm"}
 PACKAGES = ["egnn", "egnn.nn", "egnn.cli", "egnn.io", "egnn.partition", "egnn.kernels", "egnn.comm"]
 
@@ -38,7 +40,7 @@ def extensions():
     cxx = ["-O3"]
     extra = {"cxx": cxx}
     if want_cuda and cuda_sources:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         extra["cxx"] = cxx + ["-DEGNN_WITH_CUDA"]
         extra["nvcc"] = ["-O3", "-DEGNN_WITH_CUDA"]
         ext = ce.CUDAExtension("egnn._C", sources + cuda_sources, extra_compile_args=extra)
