@@ -2,7 +2,7 @@
 
 One interaction layer (node update with attention aggregation + edge update) at lmax 4, E = 16 or
 128 channels, for 1e3..1e7 messages, fused (egnn.nn.fused.FusedInteractionLayer, Triton on CUDA)
-vs reference (egnn.nn.InteractionLayer) in the same run, forward and forward+backward; peak
+vs the reference layer on the PyTorch twins (egnn.nn.InteractionLayer, backend="torch") in the same run, forward and forward+backward; peak
 memory (CUDA) and saved-activation bytes per edge per layer (saved_tensors_hooks, CPU too).
 On CUDA also the forward rotate_to_edge kernel's achieved bandwidth as a fraction of HBM peak.
 On CPU both paths run PyTorch (the fused one = twins + recompute): time ratios there only show
@@ -65,10 +65,10 @@ def main(argv=None):
           f"{'ref B/edge':>10} {'fused B/edge':>12} {'peak ref MB':>11} {'peak fused MB':>13} {'rot %HBM':>8}")
     for C in args.channels:
         torch.manual_seed(0)
-        ref = InteractionLayer(lmax, lmax, C, 2 * C, 2, 32).to(device)
-        fused = FusedInteractionLayer(lmax, lmax, C, 2 * C, 2, 32).to(device)
+        ref = InteractionLayer(lmax, lmax, C, 2 * C, 2, 32, backend="torch").to(device)  # the PyTorch twins
+        fused = FusedInteractionLayer(lmax, lmax, C, 2 * C, 2, 32).to(device)  # Triton on CUDA
         fused.load_state_dict(ref.state_dict())
-        rot = EdgeRotation(lmax, lmax).to(device)
+        rots = {"ref": EdgeRotation(lmax, lmax, backend="torch").to(device), "fused": EdgeRotation(lmax, lmax).to(device)}
         for E in sizes:
             E = int(E)
             bytes_per = 4 * (lmax + 1) ** 2 * C * 3 * 2  # E x [25, 3C] fp32 gathered + written
@@ -80,6 +80,7 @@ def main(argv=None):
             r = dict(E=E, C=C, lmax=lmax, device=str(device))
             for name, layer in (("ref", ref), ("fused", fused)):
                 try:
+                    rot = rots[name]
                     r[f"{name}_fwd_s"] = best_time(lambda: run_layer(layer, rot, t, False), args.reps, device)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)

@@ -2,7 +2,8 @@
 reference written here, messages/s in the same run, plus saved-activation bytes per edge.
 
 lmax 4, E = 16 channels: messages [E, 25, 3·16] -> SO(2) conv 48 -> 32 -> 16 -> [E, 25, 16].
-* egnn: EdgeRotation + SO2Convolution (backend "auto": Triton on CUDA, per-l blocks on CPU).
+* egnn: EdgeRotation + SO2Convolution (backend "auto": Triton on CUDA, the PyTorch twins on CPU);
+  on CUDA also the twins themselves (backend "torch") as a third column.
 * reference (EquiformerV2 style): a dense (lmax+1)^2 x (lmax+1)^2 block-diagonal Wigner matrix per
   edge, bmm into the edge frame, per-m index gathers, the same per-m weights, scatter + bmm back.
 Both use the same weights; the outputs are checked equal. Goal: >= 3x.
@@ -54,7 +55,10 @@ class DenseReference(torch.nn.Module):
         return torch.bmm(D.transpose(1, 2), out)
 
 
-def egnn_transform(rot, conv, msg, vec, scale):
+def egnn_transform(rot, conv, msg, vec, scale, backend="auto"):
+    for m in [rot, *conv.modules()]:
+        if hasattr(m, "backend"):
+            m.backend = backend
     D = rot.wigner(vec)
     y, _ = conv(rot.to_edge(msg, D), scale)
     return rot.from_edge(y, D)
@@ -91,8 +95,11 @@ def main(argv=None):
         r = dict(messages=E, lmax=lmax, channels=C, device=str(device))
         with torch.no_grad():
             r["max_abs_diff"] = float((egnn_transform(rot, conv, msg, vec, scale) - ref(msg, vec, scale)).abs().max())
-        for name, fn in (("egnn", lambda m: egnn_transform(rot, conv, m, vec, scale)),
-                         ("ref", lambda m: ref(m, vec, scale))):
+            egnn_transform(rot, conv, msg, vec, scale)  # back to "auto" after the check
+        paths = [("egnn", lambda m: egnn_transform(rot, conv, m, vec, scale)), ("ref", lambda m: ref(m, vec, scale))]
+        if device.type == "cuda":  # the twins on the GPU too: what the kernels replace
+            paths.append(("twin", lambda m: egnn_transform(rot, conv, m, vec, scale, "torch")))
+        for name, fn in paths:
             with torch.no_grad():
                 r[f"{name}_fwd_per_s"] = E / best_time(lambda: fn(msg), args.reps, device)
             m = msg.clone().requires_grad_()
@@ -101,6 +108,9 @@ def main(argv=None):
             r[f"{name}_saved_B_per_edge"] = nbytes / E
         r["speedup_fwd"] = r["egnn_fwd_per_s"] / r["ref_fwd_per_s"]
         r["speedup_fwdbwd"] = r["egnn_fwdbwd_per_s"] / r["ref_fwdbwd_per_s"]
+        if "twin_fwd_per_s" in r:
+            r["speedup_fwd_vs_twin"] = r["egnn_fwd_per_s"] / r["twin_fwd_per_s"]
+            r["speedup_fwdbwd_vs_twin"] = r["egnn_fwdbwd_per_s"] / r["twin_fwdbwd_per_s"]
         rows.append(r)
         print(f"{E:>9} {r['egnn_fwd_per_s']:>11.3g} {r['ref_fwd_per_s']:>11.3g} {r['speedup_fwd']:>5.2f} "
               f"{r['egnn_fwdbwd_per_s']:>11.3g} {r['ref_fwdbwd_per_s']:>11.3g} {r['speedup_fwdbwd']:>5.2f} "

@@ -19,7 +19,6 @@ import torch
 
 from .. import kernels
 from ..errors import InputError
-from ..kernels import backend as _backend
 from .layers import InteractionLayer, _identity
 
 
@@ -54,12 +53,8 @@ def recompute(run, inputs, params):
 
 class FusedInteractionLayer(InteractionLayer):
     def __init__(self, lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels=32, backend: str = "auto"):
-        super().__init__(lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels)
+        super().__init__(lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels, backend)
         self.lmax, self.mmax = lmax, mmax
-        self.backend = _backend.check_backend(backend)
-        for m in self.modules():  # the SO(2) linears inside the convolutions follow this layer
-            if m is not self and hasattr(m, "backend"):
-                m.backend = self.backend
 
     def _node_messages(self, n, xn, en, rbf, envelope, src, dst, edge_vec):
         blk = self.node_msg

@@ -11,6 +11,7 @@ import nvtx
 import torch
 from torch import nn
 
+from ..kernels.backend import check_backend
 from .activation import GateActivation
 from .attention import AttentionAggregation
 from .linear import EquivariantLinear
@@ -53,7 +54,7 @@ class MessageBlock(nn.Module):
 
 
 class InteractionLayer(nn.Module):
-    def __init__(self, lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels=32):
+    def __init__(self, lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels=32, backend: str = "auto"):
         super().__init__()
         self.node_norm = EquivariantLayerNorm(lmax, channels)
         self.edge_norm = EquivariantLayerNorm(lmax, channels)
@@ -64,6 +65,10 @@ class InteractionLayer(nn.Module):
         self.ffn_norm = EquivariantLayerNorm(lmax, channels)
         self.ffn = FeedForward(lmax, channels, hidden)
         self.edge_msg = MessageBlock(lmax, mmax, channels, hidden, num_rbf)
+        self.backend = check_backend(backend)
+        for m in self.modules():  # the SO(2) linears and the aggregation follow this layer's backend
+            if m is not self and hasattr(m, "backend"):
+                m.backend = self.backend
 
     def forward(self, x, e, src, dst, rot, D, rbf, envelope, exchange=_identity):
         n = x.shape[0]
