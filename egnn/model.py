@@ -18,10 +18,12 @@ from .errors import ConfigError, InputError
 from .nn import (EdgeRotation, EquivariantLayerNorm, FeedForward, GaussianRBF, InteractionLayer, RadialMLP,
                  cosine_envelope)
 from .nn.fused import FusedInteractionLayer
+from .nn.reference import TwoCentreReference
 
 __all__ = ["ModelConfig", "HamiltonianModel", "OutputHead"]
 
 ONSITE_MODES = ("node", "node+edges")
+REFERENCES = ("none", "two_centre")
 # Σ over the ~100-200 incoming edges within 8-12 Å: keeps the initial onsite sum O(1)
 ONSITE_EDGE_NORM = 1.0 / 32.0
 
@@ -46,6 +48,10 @@ class ModelConfig:
     onsite: str = "node"
     # what the node head reads: "last" = the final node embedding; "all" = every layer's, concatenated
     node_head_input: str = "last"
+    # "two_centre": add a linear two-centre reference H (Slater-Koster hoppings and a crystal-field
+    # onsite sum over exponential radial features, egnn.nn.reference) fitted in closed form to the
+    # training data; the network predicts the residual. "none": the network predicts H itself
+    reference: str = "none"
 
     def __post_init__(self):
         if isinstance(self.basis, dict):
@@ -62,6 +68,8 @@ class ModelConfig:
             raise ConfigError(f"model: r_cut must be > 0 Å, got {self.r_cut}")
         if self.onsite not in ONSITE_MODES:
             raise ConfigError(f"model: onsite must be one of {ONSITE_MODES}, got {self.onsite!r}")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"model: reference must be one of {REFERENCES}, got {self.reference!r}")
         if self.node_head_input not in ("last", "all"):
             raise ConfigError(f"model: node_head_input must be 'last' or 'all', got {self.node_head_input!r}")
         for name in ("channels", "layers", "heads", "hidden", "num_rbf"):
@@ -141,6 +149,8 @@ class HamiltonianModel(nn.Module):
         self.edge_log_scale = RadialMLP(cfg.num_rbf, max(self.edge_counts))
         nn.init.zeros_(self.edge_log_scale.net[-1].weight)
         nn.init.zeros_(self.edge_log_scale.net[-1].bias)
+        self.reference = (TwoCentreReference(S, L, max(self.node_counts), max(self.edge_counts), cfg.r_cut)
+                          if cfg.reference == "two_centre" else None)
         # output statistics (set by the trainer from the data): per-species L = 0 shift, per-(L, c) scale
         self.register_buffer("node_shift", torch.zeros(S, max(self.node_counts)))
         self.register_buffer("node_scale", torch.ones(L + 1, max(self.node_counts)))
@@ -188,12 +198,18 @@ class HamiltonianModel(nn.Module):
             xe = exchange(xn)
             node = self._node_out(xn, seen)
             edge = []
+            node_ref = None
             for a, b in chunks or [(0, 0)]:
                 dist = edge_vec[a:b].norm(dim=-1)
                 z = self._edge_input(e[a:b], xe, src[a:b], dst[a:b])
                 edge.append(self._edge_out(z, self.rbf(dist)))
                 self._add_onsite(node, z, dst[a:b], cosine_envelope(dist, self.config.r_cut))
-            return self._node_stats(node, species), torch.cat(edge)
+                if self.reference is not None:
+                    nr, er = self.reference(species, src[a:b], dst[a:b], edge_vec[a:b], with_bias=a == 0)
+                    edge[-1] += er.to(edge[-1].dtype)
+                    node_ref = nr if node_ref is None else node_ref.add_(nr)
+            node = self._node_stats(node, species)
+            return (node if node_ref is None else node + node_ref.to(node.dtype)), torch.cat(edge)
         D = self.rotation.wigner(edge_vec)
         for layer in self.layers:
             seen.append(x)
@@ -201,8 +217,12 @@ class HamiltonianModel(nn.Module):
         xn = self.node_norm(x)
         z = self._edge_input(e, exchange(xn), src, dst)
         node = self._node_out(xn, seen)
-        node = self._add_onsite(node, z, dst, envelope)
-        return self._node_stats(node, species), self._edge_out(z, rbf)
+        node = self._node_stats(self._add_onsite(node, z, dst, envelope), species)
+        edge = self._edge_out(z, rbf)
+        if self.reference is None:
+            return node, edge
+        node_ref, edge_ref = self.reference(species, src, dst, edge_vec)
+        return node + node_ref.to(node.dtype), edge + edge_ref.to(edge.dtype)
 
     def _node_out(self, xn, seen):
         """The node head on the final normalised embedding (and, for node_head_input "all", on the

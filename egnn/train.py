@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, warn_once
 from .model import HamiltonianModel, ModelConfig
 
 __all__ = ["Sample", "TrainConfig", "collate", "masked_loss", "fit_output_stats", "Trainer", "load_config"]
@@ -100,6 +100,14 @@ def fit_output_stats(model: HamiltonianModel, samples: list[Sample]) -> None:
     S, L = model.num_species, model.L_max
     row_L = model.row_L
     Cn, Ce = model.node_shift.shape[1], model.edge_scale.shape[1]
+    if model.reference is not None:  # the network learns the residual of the two-centre reference
+        from .nn.reference import fit_reference
+
+        fitted = fit_reference(model.reference, samples)
+        if not fitted["structures"]:
+            warn_once("reference-unfitted", "model.reference: no real-space (k-point) training structure to fit the "
+                      "two-centre reference; it stays zero and the network predicts H itself")
+        samples = [_residual(model.reference, s) for s in samples]
     shift_sum, shift_n = torch.zeros(S, Cn, dtype=torch.float64), torch.zeros(S, Cn, dtype=torch.float64)
     for s in samples:
         t, m = s.node_target[:, 0].double(), s.node_mask[:, 0].double()
@@ -124,6 +132,16 @@ def fit_output_stats(model: HamiltonianModel, samples: list[Sample]) -> None:
     model.node_scale.copy_(rms(node_res, Cn))
     model.edge_scale.copy_(rms([(s.edge_target, s.edge_mask) for s in samples if s.fold is None] or
                                [(s.edge_target, s.edge_mask) for s in samples], Ce))
+
+
+def _residual(reference, s: Sample) -> Sample:
+    """The sample with the reference's blocks subtracted from its targets (real-space samples only:
+    folded Γ targets are left as they are, and output statistics skip their edges)."""
+    if s.fold is not None:
+        return s
+    node_ref, edge_ref = reference(s.species, s.src, s.dst, s.edge_vec.double())
+    return dataclasses.replace(s, node_target=s.node_target.double() - node_ref * s.node_mask,
+                               edge_target=s.edge_target.double() - edge_ref * s.edge_mask)
 
 
 # ----------------------------------------------------------------------------- config

@@ -25,10 +25,15 @@ def inputs(graph, basis=HFO2, dtype=torch.float64):
 
 def model(dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
-    return HamiltonianModel(ModelConfig(basis=HFO2, r_cut=5.0, **kw)).to(dtype)
+    m = HamiltonianModel(ModelConfig(basis=HFO2, r_cut=5.0, **kw)).to(dtype)
+    if m.reference is not None:  # a fitted reference is non-zero: give it random weights
+        for b in (m.reference.edge_weight, m.reference.node_weight, m.reference.node_bias):
+            b.copy_(torch.randn_like(b))
+    return m
 
 
-HEADS = [{}, {"onsite": "node+edges"}, {"node_head_input": "all"}, {"onsite": "node+edges", "node_head_input": "all"}]
+HEADS = [{}, {"onsite": "node+edges"}, {"node_head_input": "all"}, {"onsite": "node+edges", "node_head_input": "all"},
+         {"reference": "two_centre"}]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
