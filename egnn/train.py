@@ -416,6 +416,9 @@ def _maes(st: dict) -> dict:
 
 def load_checkpoint(path: str) -> dict:
     from .errors import InputError
+    from .pretrained import resolve
+
+    path = resolve(path)  # "pretrained:NAME" -> the checkpoint shipped in egnn/pretrained/
 
     if not os.path.isfile(path):
         raise InputError(f"{path}: checkpoint not found")

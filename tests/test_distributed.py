@@ -54,11 +54,14 @@ def make_model(dtype, seed=0):
 
     torch.manual_seed(seed)
     cfg = ModelConfig(basis=OrbitalBasis.explicit(BASIS), r_cut=3.5, lmax=2, mmax=2, channels=4, layers=2,
-                      heads=2, hidden=8, num_rbf=8, onsite="node+edges", node_head_input="all")
+                      heads=2, hidden=8, num_rbf=8, onsite="node+edges", node_head_input="all",
+                      reference="two_centre")
     m = HamiltonianModel(cfg).to(dtype)
-    with torch.no_grad():  # non-trivial output statistics, so the buffers matter too
+    with torch.no_grad():  # non-trivial output statistics and reference, so the buffers matter too
         m.node_shift.uniform_(-1, 1)
         m.edge_scale.uniform_(0.5, 2)
+        for b in (m.reference.edge_weight, m.reference.node_weight, m.reference.node_bias):
+            b.uniform_(-1, 1)
     return m
 
 
