@@ -21,9 +21,9 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "data", "cp2k")
-GEN = os.path.join(ROOT, "data", "generated")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy_splits import GEN, ROOT, SHARED, SPLITS, summary  # noqa: E402
+
 RESULTS = os.path.join(ROOT, "profiling", "results", "ablate_onsite.jsonl")
 
 DATA = {
@@ -32,9 +32,8 @@ DATA = {
     + sorted(glob.glob(os.path.join(GEN, "hfo2_m12_d05", "*_s*")) + glob.glob(os.path.join(GEN, "hfo2_m12_d15", "*_s*"))
              + glob.glob(os.path.join(GEN, "hfo2_m12_strain", "*_s*"))),
 }
-VAL_IN = lambda: sorted(glob.glob(os.path.join(SHARED, "hfo2_kp", "hfo2_m12_rattled_s002[0-3]")))  # noqa: E731
-HELD_OUT = {"m12_val": lambda: sorted(glob.glob(os.path.join(GEN, "hfo2_m12_val", "*_s*"))),
-            "m24_val": lambda: sorted(glob.glob(os.path.join(GEN, "hfo2_m24_val", "*_s*")))}
+VAL_IN = SPLITS["in_dist"]
+HELD_OUT = {k: SPLITS[k] for k in ("m12_val", "m24_val")}
 
 # name: (data, epochs, model overrides, train overrides)
 VARIANTS = {
@@ -54,19 +53,6 @@ VARIANTS = {
 }
 MODEL = {"lmax": 4, "mmax": 4, "channels": 16, "layers": 2, "heads": 2, "hidden": 32}
 TRAIN = {"lr": 5e-3, "lr_patience": 5, "lr_factor": 0.5, "checkpoint_every": 10, "seed": 0, "node_weight": 20.0}
-
-
-def _summary(r: dict) -> dict:
-    near = [b for b in r["vs_distance"] if b["r_lo"] >= 1.0 and b["r_hi"] <= 2.0]
-    out = {"mae": r["mae_meV"], "node": r["mae_node_meV"], "edge": r["mae_edge_meV"],
-           "node_per_element": {k: v["mae_meV"] for k, v in r["per_element_node"].items()},
-           "pairs_lt_2A": near[0]["mae_meV"] if near else None,
-           "eig_occ_meV": r["eig_occ_mae_meV"], "eig_rel_percent": r["eig_rel_percent"], "gap": r["gap_mae_meV"],
-           "eig_rel_shifted_percent": r["eig_rel_shifted_percent"]}
-    for k in ("band_mae_meV", "band_occ_mae_meV", "band_empty_mae_meV", "band_gap_mae_meV", "band_mae_shifted_meV"):
-        if k in r:
-            out[k.replace("_meV", "")] = r[k]
-    return out
 
 
 def run_variant(name: str, epochs_scale: float, out_root: str, threads: int) -> dict:
@@ -96,7 +82,7 @@ def run_variant(name: str, epochs_scale: float, out_root: str, threads: int) -> 
     sets = {"in_dist": VAL_IN(), **{k: f() for k, f in HELD_OUT.items()}}
     for key, runs in sets.items():
         if runs:
-            row[key] = _summary(evaluate(model, open_datasets(runs, 8.0, cache)))
+            row[key] = summary(evaluate(model, open_datasets(runs, 8.0, cache)))
     return row
 
 

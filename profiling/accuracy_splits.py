@@ -1,0 +1,99 @@
+"""Accuracy of a checkpoint on the fixed HfO2 SZV data splits of README "Accuracy".
+
+    .venv/bin/python profiling/accuracy_splits.py --checkpoint CK [--split NAME ...] [--out JSON]
+
+Splits (paths relative to the checkout; ../shared is the shared data, data/generated what
+`egnn data generate hfo2 -o data/generated` makes):
+  in_dist  shared hfo2_kp s0020-s0023: σ = 0.1 Å like most training data, never trained on
+  m12_val  generated hfo2_m12_val: 8 × 12 atoms, σ = 0.22 Å, ±3 % strain (held out entirely)
+  m24_val  generated hfo2_m24_val: 2 × 24 atoms, σ = 0.20 Å, ±3 % strain (held out entirely)
+  m96      shared hfo2_gamma/hfo2_m96_rattled_000: 96 atoms, Γ only, σ = 0.1 Å (train small, predict large)
+Prints one row per split (node MAE per species, pairs < 2 Å, occupied eigenvalues, gap, bands) and
+writes the full `egnn evaluate` results as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "data", "cp2k")
+GEN = os.path.join(ROOT, "data", "generated")
+
+SPLITS = {
+    "in_dist": lambda: sorted(glob.glob(os.path.join(SHARED, "hfo2_kp", "hfo2_m12_rattled_s002[0-3]"))),
+    "m12_val": lambda: sorted(glob.glob(os.path.join(GEN, "hfo2_m12_val", "*_s*"))),
+    "m24_val": lambda: sorted(glob.glob(os.path.join(GEN, "hfo2_m24_val", "*_s*"))),
+    "m96": lambda: sorted(glob.glob(os.path.join(SHARED, "hfo2_gamma", "hfo2_m96_rattled_000"))),
+}
+
+
+def summary(r: dict) -> dict:
+    """The figures the README tables report, from an `egnn.evaluate.evaluate` result."""
+    near = [b for b in r["vs_distance"] if b["r_lo"] >= 1.0 and b["r_hi"] <= 2.0]
+    out = {"mae": r["mae_meV"], "node": r["mae_node_meV"], "edge": r["mae_edge_meV"],
+           "node_per_element": {k: v["mae_meV"] for k, v in r["per_element_node"].items()},
+           "pairs_lt_2A": near[0]["mae_meV"] if near else None,
+           "eig_occ_meV": r["eig_occ_mae_meV"], "eig_rel_percent": r["eig_rel_percent"], "gap": r["gap_mae_meV"],
+           "eig_rel_shifted_percent": r["eig_rel_shifted_percent"]}
+    for k in ("band_mae_meV", "band_occ_mae_meV", "band_empty_mae_meV", "band_gap_mae_meV", "band_mae_shifted_meV"):
+        if k in r:
+            out[k.replace("_meV", "")] = r[k]
+    return out
+
+
+def evaluate_splits(model, names, cache: str) -> dict:
+    from egnn.evaluate import evaluate
+    from egnn.train import open_datasets
+
+    out = {}
+    for name in names:
+        runs = SPLITS[name]()
+        if runs:
+            r = evaluate(model, open_datasets(runs, float(model.config.r_cut), cache))
+            out[name] = {"summary": summary(r), "structures": [os.path.basename(p) for p in runs],
+                         "result": {k: v for k, v in r.items() if k != "per_structure"},
+                         "per_structure": r["per_structure"]}
+    return out
+
+
+def print_table(res: dict) -> None:
+    print(f"{'split':8s}{'n':>3s}{'MAE':>7s}{'node':>7s}{'Hf':>7s}{'O':>7s}{'<2Å':>7s}{'ε occ':>8s}{'ε %':>7s}"
+          f"{'gap':>7s}{'band':>7s}{'b.gap':>7s}")
+    for name, r in res.items():
+        s = summary(r["result"]) if "summary" not in r else r["summary"]
+        pe = s["node_per_element"]
+        f = [s["mae"], s["node"], pe.get("Hf", float("nan")), pe.get("O", float("nan")), s["pairs_lt_2A"] or float("nan"),
+             s["eig_occ_meV"], s["eig_rel_percent"], s["gap"], s.get("band_mae", float("nan")),
+             s.get("band_gap_mae", float("nan"))]
+        print(f"{name:8s}{len(r['structures']):3d}" + "".join(f"{v:7.2f}" if i == 6 else f"{v:7.1f}"
+                                                              for i, v in enumerate(f)))
+
+
+def main(argv=None):
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or pretrained:NAME")
+    p.add_argument("--split", action="append", choices=sorted(SPLITS), help="only these splits (repeatable)")
+    p.add_argument("--out", default=None, help="write the results here as JSON")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from egnn.train import model_from_checkpoint
+
+    model = model_from_checkpoint(a.checkpoint)
+    res = evaluate_splits(model, a.split or list(SPLITS), os.path.join(os.path.expanduser("~/.cache"), "egnn"))
+    print_table(res)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({"checkpoint": a.checkpoint, **res}, f, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
