@@ -112,3 +112,23 @@ def test_old_configs_load_without_reference():
     d.pop("reference")
     assert ModelConfig.from_dict(d).reference == "none"
     assert not np.any(["reference" in k for k in HamiltonianModel(ModelConfig.from_dict(d)).state_dict()])
+
+
+def test_bonds_shorter_than_the_fitted_data_do_not_extrapolate():
+    """Below the shortest fitted distance of a species pair the radial features stay at their value
+    there: a short bond gets the hopping of the shortest one seen (times its angular part), not a
+    sum of exponentials pushed outside the data."""
+    model, teacher = reference(seed=5)
+    masks = layout_masks(model)
+    train = [sample(g, teacher, masks) for g in structures(3, sigma=0.05)]
+    _, student = reference()
+    fit_reference(student, train)
+    assert (student.r_min > 1.5).all()  # every pair of the fluorite cell occurs
+    r_min = float(student.r_min[1 * 2 + 0])  # O (dst) <- Hf (src)
+    sp = torch.tensor([1, 0])
+    vecs = torch.tensor([[0.6 * r_min, 0.0, 0.0], [0.9 * r_min, 0.0, 0.0], [r_min, 0.0, 0.0]], dtype=torch.float64)
+    src, dst = torch.tensor([1, 1, 1]), torch.tensor([0, 0, 0])
+    _, edge = student(sp, src, dst, vecs)
+    assert torch.allclose(edge[0], edge[2]) and torch.allclose(edge[1], edge[2]) and edge[2].abs().max() > 0
+    _, edge_beyond = student(sp, src[:1], dst[:1], torch.tensor([[1.1 * r_min, 0.0, 0.0]], dtype=torch.float64))
+    assert not torch.allclose(edge_beyond[0], edge[2])

@@ -50,13 +50,19 @@ class TwoCentreReference(nn.Module):
         self.register_buffer("edge_weight", torch.zeros(S * S, K, L1 * edge_width))
         self.register_buffer("node_weight", torch.zeros(S * S, K, L1 * node_width))
         self.register_buffer("node_bias", torch.zeros(S, node_width))
+        # shortest distance per species pair in the fitted data: shorter bonds use the features at
+        # that distance (a linear fit must not extrapolate its exponentials, see fit_reference)
+        self.register_buffer("r_min", torch.zeros(S * S))
         self.register_buffer("row_L", torch.tensor([l for l in range(L1) for _ in range(2 * l + 1)]),
                              persistent=False)
 
-    def features(self, edge_vec: torch.Tensor):
-        """(Y [E, (L+1)²], φ [E, K]) of edge vectors."""
+    def features(self, edge_vec: torch.Tensor, pair: torch.Tensor | None = None):
+        """(Y [E, (L+1)²], φ [E, K]) of edge vectors; with the species `pair` of each edge, φ is
+        held constant below the pair's shortest fitted distance."""
         r = edge_vec.norm(dim=-1)
         Y = spherical_harmonics(edge_vec, self.L_max)
+        if pair is not None:
+            r = torch.maximum(r, self.r_min.to(r.dtype).index_select(0, pair))
         phi = torch.exp(-self.alpha.to(r.dtype) * (r.unsqueeze(-1) - R0)) * cosine_envelope(r, self.r_cut).unsqueeze(-1)
         return Y, phi
 
@@ -74,9 +80,8 @@ class TwoCentreReference(nn.Module):
         """(node_ref [N], edge_ref [E]). Edges s -> d with vector x_s + R·cell − x_d; node i sums over
         its incoming edges (all of a rank's own atoms' edges are local in the distributed scheme).
         `with_bias=False` leaves out the per-species constant (for all but the first edge chunk)."""
-        Y, phi = self.features(edge_vec)
-        sd, ss = species.index_select(0, dst), species.index_select(0, src)
-        pair = sd * self.num_species + ss
+        pair = species.index_select(0, dst) * self.num_species + species.index_select(0, src)
+        Y, phi = self.features(edge_vec, pair)
         edge = self._expand(self.edge_weight, pair, phi, Y)
         node = edge.new_zeros((len(species),) + edge.shape[1:-1] + (self.node_bias.shape[1],))
         node.index_add_(0, dst, self._expand(self.node_weight, pair, phi, Y))
@@ -104,14 +109,18 @@ def fit_reference(ref: TwoCentreReference, samples, ridge: float = 1e-5) -> dict
     Ge, be = torch.zeros(S * S, L1, Ce, K, K, dtype=f64), torch.zeros(S * S, L1, Ce, K, dtype=f64)
     F = S * K + 1
     Gn, bn = torch.zeros(S, L1, Cn, F, F, dtype=f64), torch.zeros(S, L1, Cn, F, dtype=f64)
-    used = 0
-    for s in samples:
-        if getattr(s, "fold", None) is not None:
-            continue
-        used += 1
+    real = [s for s in samples if getattr(s, "fold", None) is None]
+    if not real:
+        return {"structures": 0}
+    r_min = torch.full((S * S,), math.inf, dtype=f64)
+    for s in real:
+        pair = s.species.long()[s.dst.long()] * S + s.species.long()[s.src.long()]
+        r_min.scatter_reduce_(0, pair, s.edge_vec.to(f64).norm(dim=-1), "amin")
+    ref.r_min.copy_(torch.where(torch.isfinite(r_min), r_min, torch.zeros_like(r_min)))
+    for s in real:
         species, src, dst = s.species.long(), s.src.long(), s.dst.long()
-        Y, phi = ref.features(s.edge_vec.to(f64))
         pair = species[dst] * S + species[src]
+        Y, phi = ref.features(s.edge_vec.to(f64), pair)
         # edges: rows of (L, M) share the weights of L
         m, t = s.edge_mask.to(f64), s.edge_target.to(f64)
         yy = _per_L(m * Y.square().unsqueeze(-1), row_L, L1)  # [E, L1, Ce]
@@ -135,8 +144,6 @@ def fit_reference(ref: TwoCentreReference, samples, ridge: float = 1e-5) -> dict
             fa = feat[i]  # [Na, rows, F]
             Gn[a] += _per_L_outer(fa, m[i], row_L, L1)
             bn[a] += _rows_to_L(torch.einsum("nrc,nrf->rcf", m[i] * t[i], fa), row_L, L1)
-    if not used:
-        return {"structures": 0}
     ew = _solve(Ge, be, ridge)  # [P, L1, Ce, K]
     nw = _solve(Gn, bn, ridge)  # [S, L1, Cn, F]
     ref.edge_weight.copy_(ew.permute(0, 3, 1, 2).reshape(S * S, K, L1 * Ce))
@@ -144,7 +151,7 @@ def fit_reference(ref: TwoCentreReference, samples, ridge: float = 1e-5) -> dict
     nwk = nw[..., :S * K].reshape(S, L1, Cn, S, K).permute(0, 3, 4, 1, 2).reshape(S * S, K, L1 * Cn)
     ref.node_weight.copy_(nwk)
     ref.node_bias.copy_(nw[:, 0, :, -1])
-    return {"structures": used}
+    return {"structures": len(real)}
 
 
 def _per_L(x, row_L, L1):
