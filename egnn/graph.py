@@ -50,17 +50,18 @@ class AtomGraph:
         return np.concatenate([[0], np.cumsum(self.degree)]).astype(np.int64)
 
     def reverse(self) -> np.ndarray:
-        """Index of the reverse edge (d, s, -R) of every edge (always present in a radius graph)."""
-        key = _edge_keys(self.src, self.dst, self.shift)
-        rkey = _edge_keys(self.dst, self.src, -self.shift)
-        order = np.argsort(key)
-        pos = np.searchsorted(key[order], rkey)
-        return order[pos]
-
-
-def _edge_keys(a, b, shift) -> np.ndarray:
-    s = shift + 512  # shifts stay far below ±512 cells
-    return ((a.astype(np.int64) * (1 << 21) + b) * 1024 + s[:, 0]) * (1 << 20) + s[:, 1] * 1024 + s[:, 2]
+        """rev[k]: the index of edge k's reverse (src = dst[k], dst = src[k], shift = −shift[k]). A
+        radius graph holds one for every edge; anything else is an InputError."""
+        sh = self.shift
+        fwd = np.lexsort((sh[:, 2], sh[:, 1], sh[:, 0], self.dst, self.src))  # edges by (src, dst, R)
+        bwd = np.lexsort((-sh[:, 2], -sh[:, 1], -sh[:, 0], self.src, self.dst))  # edges by their reverse's key
+        rev = np.empty(len(fwd), np.int64)
+        rev[bwd] = fwd
+        if not (np.array_equal(self.src[rev], self.dst) and np.array_equal(self.dst[rev], self.src)
+                and np.array_equal(sh[rev], -sh)):
+            raise InputError("graph: some edges have no reverse edge (d, s, -R); build it with radius_graph "
+                             "(full neighbour list)")
+        return rev
 
 
 def check_structure(positions, cell, pbc, where: str = "structure") -> None:

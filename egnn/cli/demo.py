@@ -65,7 +65,7 @@ def run(args) -> int:
 
 def _evaluate_and_predict(ck: str, val_runs: list, out: str, tile: str) -> dict:
     from ..evaluate import evaluate, make_plots
-    from ..predict import parse_tile, predict_structure, read_input, write_prediction
+    from ..predict import parse_tile, predict_to_files, read_input
     from ..train import model_from_checkpoint, open_datasets
 
     model = model_from_checkpoint(ck)
@@ -80,15 +80,19 @@ def _evaluate_and_predict(ck: str, val_runs: list, out: str, tile: str) -> dict:
           f"after the energy-zero shift {res['mae_shifted_meV']:.2f} meV")
     print(f"      eigenvalues at Γ: occupied MAE {res['eig_occ_mae_meV']:.1f} meV "
           f"({res['eig_rel_percent']:.2f} % of |ε|), gap error {res['gap_mae_meV']:.1f} meV")
+    if "band_mae_meV" in res:
+        print(f"      bands (path + k-mesh, occupied + {4} empty): MAE {res['band_mae_meV']:.1f} meV, "
+              f"band gap error {res['band_gap_mae_meV']:.1f} meV; figures in {os.path.join(out, 'plots')}")
     atoms, _ = read_input(val_runs[0])
     big = atoms.repeat(parse_tile(tile))
     print(f"[3/3] predicting H of the held-out cell tiled {tile} ({len(big)} atoms)")
     t0 = time.time()
-    HR = predict_structure(model, big)
     stem = f"{os.path.basename(val_runs[0].rstrip('/'))}_{tile}"
     pred_dir = os.path.join(out, "predict")
-    files = write_prediction(pred_dir, stem, HR, model.basis, big)
-    print(f"      {len(HR)} images, {sum(M.nnz for M in HR.values()):,} non-zeros in {time.time() - t0:.1f} s")
+    rep = predict_to_files(model, big, pred_dir, stem, ("rows", "gamma", "cp2k"), binary=True, overwrite=True)
+    files = rep["files"]
+    print(f"      {rep['nonzeros']:,} non-zeros in {time.time() - t0:.1f} s: {len(files)} files "
+          f"({rep['bytes'] / 2**20:.1f} MiB; rows, Γ npz, binary CP2K .csr)")
     return {"evaluate": os.path.join(out, "evaluate.json"), "plots": os.path.join(out, "plots"),
             "prediction": os.path.join(pred_dir, f"{stem}_H.npz"), "mae_meV": res["mae_meV"],
             "mae_node_meV": res["mae_node_meV"], "mae_edge_meV": res["mae_edge_meV"],

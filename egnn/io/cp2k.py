@@ -39,8 +39,8 @@ GTH_VALENCE = {
     "Au": 11, "Hg": 12, "Tl": 13, "Pb": 4, "Bi": 5, "Po": 6, "At": 7, "Rn": 8,
 }
 
-__all__ = ["read_run", "read_csr", "write_csr", "parse_inp", "parse_out", "basis_shells",
-           "cp2k_wrap_offsets", "HARTREE_EV"]
+__all__ = ["read_run", "read_csr", "write_csr", "append_csr", "parse_inp", "parse_out", "basis_shells",
+           "cp2k_wrap_offsets", "HARTREE_EV", "GTH_VALENCE"]
 
 HARTREE_EV = 27.211386245988
 DEFAULT_BASIS_FILE = "/usr/share/cp2k/BASIS_MOLOPT"
@@ -575,18 +575,35 @@ def write_csr(path: str, matrix, basis=None, numbers=None, *, kind: str = "H", b
     keep = np.abs(v) >= threshold if threshold > 0 else np.ones(len(v), bool)
     if upper_triangular:
         keep &= i <= j
-    i, j, v = i[keep], j[keep], v[keep]
-    order = np.lexsort((j, i))
-    i, j, v = i[order] + 1, j[order] + 1, v[order]
-    if binary:
-        rec = np.empty(len(v), dtype=_RECORD)
-        rec["m1"], rec["i"], rec["j"], rec["v"], rec["m2"] = 16, i, j, v, 16
-        data = rec.tobytes()
-    else:
-        data = "".join(f"{a:8d}{b:8d}{c:23.14E}\n" for a, b, c in zip(i.tolist(), j.tolist(), v.tolist())).encode()
+    data = _records(i[keep], j[keep], v[keep], binary)
     tmp = path + ".part"
     opener = gzip.open if path.endswith(".gz") else lzma.open if path.endswith(".xz") else open
     with opener(tmp, "wb") as fh:
         fh.write(data)
     os.replace(tmp, path)
+    return int(keep.sum())
+
+
+def _records(i, j, v, binary: bool) -> bytes:
+    """CP2K .csr records of 0-based (i, j, v), sorted by (i, j): binary (24-byte Fortran records)
+    or text ('(2(I8),E23.14E3)'-compatible lines)."""
+    order = np.lexsort((j, i))
+    i, j, v = np.asarray(i, np.int64)[order] + 1, np.asarray(j, np.int64)[order] + 1, np.asarray(v)[order]
+    if binary:
+        rec = np.empty(len(v), dtype=_RECORD)
+        rec["m1"], rec["i"], rec["j"], rec["v"], rec["m2"] = 16, i, j, v, 16
+        return rec.tobytes()
+    return "".join(f"{a:8d}{b:8d}{c:23.14E}\n" for a, b, c in zip(i.tolist(), j.tolist(), v.tolist())).encode()
+
+
+def append_csr(path: str, rows, cols, values, *, kind: str = "H", binary: bool = False) -> int:
+    """Append records (0-based global rows and columns, values in eV for kind "H") to a CP2K .csr
+    file, in (row, col) order: blocks of rows appended in ascending order give a valid file."""
+    if kind not in ("H", "S"):
+        raise InputError(f"append_csr: kind must be 'H' or 'S', not {kind!r}")
+    v = np.asarray(values, np.float64)
+    if not np.isfinite(v).all():
+        raise InputError(f"append_csr {path}: values hold NaN/Inf; nothing written")
+    with open(path, "ab") as fh:
+        fh.write(_records(rows, cols, v / HARTREE_EV if kind == "H" else v, binary))
     return len(v)
