@@ -533,7 +533,11 @@ def predict_to_files(model, atoms, out_dir: str, stem: str, formats=DEFAULT_FORM
     if world > 1 and set(formats) - {"rows"}:
         raise InputError(f"--format {','.join(formats)} under torchrun: ranks write only their own rows (format "
                          "rows); convert afterwards in one process, or predict without torchrun")
-    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
+    rank = 0
+    if world > 1:
+        from .distributed import init_distributed
+
+        rank = init_distributed().rank
     times = {}
     t0 = time.perf_counter()
     graph = radius_graph(atoms, float(model.config.r_cut))

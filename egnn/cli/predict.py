@@ -129,6 +129,14 @@ def run(args) -> int:
                   f"{info['total_s']:.1f} s; {len(info['files'])} files, {info['bytes'] / 2**20:,.1f} MiB -> "
                   f"{args.output}", file=sys.stderr)
     report["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank's own peak, gathered on rank 0
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            got = [None] * dist.get_world_size()
+            dist.all_gather_object(got, report["peak_rss_MB"])
+            report["peak_rss_MB_per_rank"] = got
+            dist.destroy_process_group()
     if rank0:
         if args.json:
             print(json.dumps(report, default=str))
