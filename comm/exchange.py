@@ -56,8 +56,14 @@ class TorchBackend:
         ops += [dist.P2POp(dist.irecv, t, self._peer(q), self.group) for q, t in recvs if t.numel()]
         if not ops:  # batch_isend_irecv rejects an empty list (a rank without neighbours)
             return
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        try:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        except (RuntimeError, TimeoutError) as exc:  # gloo/NCCL report a dead peer as RuntimeError
+            peers = sorted({q for q, t in sends + recvs if t.numel()})
+            raise DistributedError(f"halo exchange with ranks {peers} failed or timed out ({str(exc)[:200]}); a "
+                                   "rank died or is stuck elsewhere: check the other ranks' logs (the timeout is "
+                                   "EGNN_DIST_TIMEOUT)") from None
 
 
 class CupyBackend:
