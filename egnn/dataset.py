@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -92,53 +93,29 @@ def _pack(prefix, ex, arrays):
 def convert(sources, out: str, r_cut: float = 12.0, basis_file=None, overlap: bool = True,
             force: bool = False, progress: bool = False) -> dict:
     """Convert run folders / npz files into a dataset folder `out`; returns the manifest."""
-    from .graph import radius_graph
-
     sources = list(sources)
     if not sources:
         raise InputError("egnn data convert: give at least one run folder")
     check_output(out, sources, force)
     structures = [read_structure(p, basis_file) for p in _progress(sources, progress, "read")]
     basis = _union_basis(s.basis for s in structures)
-    tmp = out.rstrip("/") + ".part"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    entries = []
-    pairs = [(a, b) for a in basis.elements for b in basis.elements]
-    for k, (src, s) in enumerate(zip(sources, structures)):
-        s.basis = basis
-        g = radius_graph(s.atoms, r_cut)
-        cov = B.coverage(s.H, g, basis, s.gamma_only, name=src)
-        ex = B.extract(s.H, g, basis, s.gamma_only)
-        arrays = dict(numbers=s.atoms.get_atomic_numbers(), positions=s.atoms.get_positions(),
-                      cell=s.atoms.get_cell().array, pbc=s.atoms.get_pbc(), src=g.src.astype(np.int32),
-                      dst=g.dst.astype(np.int32), shift=g.shift.astype(np.int16), mode=np.array(ex["mode"]))
-        _pack("", ex, arrays)
-        if overlap and s.S is not None:
-            _pack("s_", B.extract(s.S, g, basis, s.gamma_only, mode=ex["mode"] if s.gamma_only else None), arrays)
-        fname = f"s{k:05d}.npz"
-        np.savez(os.path.join(tmp, fname), **arrays)
-        if not (np.isfinite(cov["frobenius"]) and np.isfinite(cov["nonzeros"])):
-            raise InputError(f"{src}: the coverage of H by the graph is not finite; the matrices hold "
-                             "non-finite or absurd values")
-        entries.append({"file": fname, "source": os.path.abspath(src), "atoms": len(s.atoms),
-                        "orbitals": s.n_orbitals, "edges": g.num_edges, "mode": ex["mode"],
-                        "gamma_only": s.gamma_only, "coverage": cov})
-    manifest = {
-        "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "basis": basis.to_dict(), "units": {"H": "eV", "S": "1", "length": "angstrom"},
-        "orbital_basis": "e3nn real spherical harmonics (y polar), l-major, coupled with so3.clebsch_gordan",
-        "r_cut": float(r_cut), "L_max": basis.L_max, "node_width": B.node_width(basis),
-        "edge_width": B.edge_width(basis), "pairs": [list(p) for p in pairs], "overlap": bool(overlap),
-        "structures": entries,
-        "coverage": {"min_frobenius": min(e["coverage"]["frobenius"] for e in entries),
-                     "min_nonzeros": min(e["coverage"]["nonzeros"] for e in entries)},
-    }
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".part", dir=parent)
+    try:
+        manifest = _write_structures(tmp, sources, structures, basis, r_cut, overlap)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
     with open(os.path.join(tmp, "manifest.json"), "w") as fh:
         json.dump(manifest, fh, indent=1)
-    if os.path.exists(out):
-        shutil.rmtree(out)
+    old = None
+    if os.path.exists(out):  # an egnn dataset (check_output): set aside until the new one is in place
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".old", dir=parent)
+        os.replace(out, os.path.join(old, "dataset"))
     os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old)
     return manifest
 
 
@@ -194,6 +171,44 @@ def verify(path: str) -> dict:
         if bad is not None:
             raise InputError(f"{f}: damaged dataset file (member {bad} fails its CRC); re-run `egnn data convert`")
     return m
+
+
+def _write_structures(tmp, sources, structures, basis, r_cut, overlap) -> dict:
+    """One npz per structure into tmp; returns the manifest."""
+    from .graph import radius_graph
+
+    entries = []
+    pairs = [(a, b) for a in basis.elements for b in basis.elements]
+    for k, (src, s) in enumerate(zip(sources, structures)):
+        s.basis = basis
+        g = radius_graph(s.atoms, r_cut)
+        cov = B.coverage(s.H, g, basis, s.gamma_only, name=src)
+        ex = B.extract(s.H, g, basis, s.gamma_only)
+        arrays = dict(numbers=s.atoms.get_atomic_numbers(), positions=s.atoms.get_positions(),
+                      cell=s.atoms.get_cell().array, pbc=s.atoms.get_pbc(), src=g.src.astype(np.int32),
+                      dst=g.dst.astype(np.int32), shift=g.shift.astype(np.int16), mode=np.array(ex["mode"]))
+        _pack("", ex, arrays)
+        if overlap and s.S is not None:
+            _pack("s_", B.extract(s.S, g, basis, s.gamma_only, mode=ex["mode"] if s.gamma_only else None), arrays)
+        fname = f"s{k:05d}.npz"
+        np.savez(os.path.join(tmp, fname), **arrays)
+        if not (np.isfinite(cov["frobenius"]) and np.isfinite(cov["nonzeros"])):
+            raise InputError(f"{src}: the coverage of H by the graph is not finite; the matrices hold "
+                             "non-finite or absurd values")
+        entries.append({"file": fname, "source": os.path.abspath(src), "atoms": len(s.atoms),
+                        "orbitals": s.n_orbitals, "edges": g.num_edges, "mode": ex["mode"],
+                        "gamma_only": s.gamma_only, "coverage": cov})
+    manifest = {
+        "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "basis": basis.to_dict(), "units": {"H": "eV", "S": "1", "length": "angstrom"},
+        "orbital_basis": "e3nn real spherical harmonics (y polar), l-major, coupled with so3.clebsch_gordan",
+        "r_cut": float(r_cut), "L_max": basis.L_max, "node_width": B.node_width(basis),
+        "edge_width": B.edge_width(basis), "pairs": [list(p) for p in pairs], "overlap": bool(overlap),
+        "structures": entries,
+        "coverage": {"min_frobenius": min(e["coverage"]["frobenius"] for e in entries),
+                     "min_nonzeros": min(e["coverage"]["nonzeros"] for e in entries)},
+    }
+    return manifest
 
 
 def _progress(it, on, desc):
@@ -283,10 +298,13 @@ class Dataset:
 
         entry = self.manifest["structures"][i]
         f = os.path.join(self.path, entry["file"])
+        import zipfile
+
         try:
             z = dict(np.load(f, allow_pickle=False))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{f}: cannot read ({exc}); re-run `egnn data convert`") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{f}: cannot read ({type(exc).__name__}: {exc}); the dataset is damaged, re-run "
+                             "`egnn data convert`") from None
         pos, cell, pbc = z["positions"], z["cell"], z["pbc"]
         src, dst, shift = z["src"].astype(np.int64), z["dst"].astype(np.int64), z["shift"].astype(np.int64)
         vec = pos[src] + shift @ cell - pos[dst]

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .model import HamiltonianModel, ModelConfig
 
 __all__ = ["Sample", "TrainConfig", "collate", "masked_loss", "fit_output_stats", "Trainer", "load_config"]
@@ -167,7 +168,7 @@ _TRAIN_SCHEMA = {
     "l2": ("float", lambda v: v >= 0, "a number >= 0"),
     "grad_clip": ("float", lambda v: v > 0, "a number > 0"),
     "max_minutes": ("float?", lambda v: v > 0, "a number of minutes > 0, or null"),
-    "device": ("str", lambda v: v == "auto" or v == "cpu" or v.startswith("cuda"), "auto, cpu, cuda or cuda:N"),
+    "device": ("str", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
     "node_weight": ("float", lambda v: v >= 0, "a number >= 0"),
 }
 
@@ -195,12 +196,12 @@ def _typed(value, kind: str, where: str, key: str, what: str):
             value = float(value.strip())
         except ValueError:
             raise bad from None
+    if not math.isfinite(float(value)):
+        raise bad
     if kind == "int":
         if float(value) != int(value):
             raise bad
         return int(value)
-    if not math.isfinite(float(value)):
-        raise bad
     return float(value)
 
 
@@ -377,6 +378,10 @@ class Trainer:
         batches = self.batches(epoch)
         for b in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
             loss, st = self.compute(b)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"epoch {epoch}, structure(s) {b.name}: the loss is {loss.item()}; training stops "
+                                    f"before this step changes the weights (the checkpoints in {self.output} hold the "
+                                    "last finite ones). Lower train.lr, check the data, or turn off train.amp")
             self.opt.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.scale(loss).backward()
@@ -412,6 +417,9 @@ class Trainer:
 
     def fit(self, epochs: int | None = None, progress: bool = True) -> dict:
         epochs = epochs or self.cfg["epochs"]
+        if self.epoch >= epochs:
+            raise ConfigError(f"the run is at epoch {self.epoch} already; ask for more epochs (train.epochs or "
+                              f"--epochs > {self.epoch}) to continue it")
         t_start = time.time()
         metrics_path = os.path.join(self.output, "metrics.jsonl")
         last = {}
@@ -420,6 +428,9 @@ class Trainer:
             epoch = self.epoch + 1
             tr = self.train_epoch(epoch, progress)
             va = self.evaluate(self.val_set) if self.val_set else tr
+            if not math.isfinite(va["loss"]):
+                raise TrainingError(f"epoch {epoch}: the validation loss is {va['loss']}; training stops without "
+                                    "saving these weights. Lower train.lr or check the validation data")
             self.sched.step(va["loss"])
             self.epoch = epoch
             last = {"epoch": epoch, "train_loss": tr["loss"], "val_loss": va["loss"],
@@ -536,7 +547,29 @@ def _cached_conversion(runs: list[str], r_cut: float, cache_dir: str):
                 warn_once(f"cache-{target}", f"egnn: the cached conversion {target} is damaged ({exc}); rebuilding it")
                 shutil.rmtree(target)
         ds_mod.convert(runs, target, r_cut=r_cut, overlap=True)
+        _prune_cache(cache_dir, target, runs, r_cut)
         return ds_mod.Dataset(target)
+
+
+def _prune_cache(cache_dir: str, keep: str, runs: list[str], r_cut: float) -> None:
+    """Remove cached conversions of the same run folders and r_cut made from older contents."""
+    import shutil
+
+    from . import dataset as ds_mod
+
+    mine = sorted(os.path.abspath(r) for r in runs)
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        if not name.startswith("dataset-") or name.endswith(".lock") or path == keep or not os.path.isdir(path):
+            continue
+        try:
+            m = ds_mod.read_manifest(path)
+        except Exception:  # noqa: BLE001 - an unreadable entry is simply not ours to judge
+            continue
+        if sorted(e["source"] for e in m["structures"]) == mine and abs(m["r_cut"] - r_cut) < 1e-12:
+            shutil.rmtree(path, ignore_errors=True)
+            if os.path.exists(path + ".lock"):
+                os.remove(path + ".lock")
 
 
 def open_datasets(paths: list[str], r_cut: float, cache_dir: str, min_coverage: float = 0.99):
@@ -576,8 +609,48 @@ def load_samples(datasets, basis, dtype=torch.float32) -> list[Sample]:
     return out
 
 
-def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
+TRAIN_OUTPUTS = ("best.pt", "last.pt", "best.pt.tmp", "last.pt.tmp", "metrics.jsonl", "config.json", "timing.json")
+
+
+def _prepare_output(cfg: TrainConfig, resume: str | None, overwrite: bool) -> None:
+    """The output folder: new, or resumed, or (--overwrite) cleared of the files egnn wrote there."""
+    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+        raise ConfigError(f"{cfg.source}: output {cfg.output} exists and is a file; choose another output folder")
+    old = [f for f in TRAIN_OUTPUTS if os.path.exists(os.path.join(cfg.output, f))]
+    if old and not resume:
+        if not overwrite:
+            raise ConfigError(f"{cfg.output} holds an earlier training ({', '.join(old)}); continue it with --resume "
+                              f"{os.path.join(cfg.output, 'last.pt')}, or pass --overwrite to replace egnn's files "
+                              "there, or choose another output")
+        if int(os.environ.get("RANK", "0")) == 0:
+            for f in old:
+                os.remove(os.path.join(cfg.output, f))
+    parent = os.path.dirname(os.path.abspath(cfg.output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{cfg.source}: output {cfg.output} cannot be written ({parent} is not writable)")
+
+
+def _check_resume(path: str, mcfg: ModelConfig, cfg: TrainConfig) -> None:
+    ck = checkpoint.load(path)
+    old, new = ck["model_config"], mcfg.to_dict()
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        show = "; ".join(f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in diff[:4])
+        raise ConfigError(f"--resume {path}: the checkpoint's model differs from the config's ({show}); resume with "
+                          "the config that made it, or start a new training")
+    if ck.get("epoch", 0) >= cfg.train["epochs"]:
+        raise ConfigError(f"--resume {path}: the checkpoint is at epoch {ck.get('epoch')}; --epochs (or train.epochs)"
+                          f" must be larger than that to continue, got {cfg.train['epochs']}")
+
+
+def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
+                      overwrite: bool = False) -> dict:
     """The whole `egnn train`: data, model, output statistics, epochs, checkpoints."""
+    _prepare_output(cfg, resume, overwrite)
+    if resume:
+        checkpoint.load(resume)  # a bad checkpoint fails before any data work
     seed_everything(int(cfg.train["seed"]))
     # converted run folders are cached outside the output folder, so a config that fails validation
     # leaves no output behind
@@ -588,6 +661,8 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     basis = train_ds[0].basis
     mcfg = ModelConfig.from_dict({**cfg.model, "basis": basis, "r_cut": cfg.r_cut})
     train, val = load_samples(train_ds, basis), load_samples(val_ds, basis)
+    if resume:
+        _check_resume(resume, mcfg, cfg)
     model = HamiltonianModel(mcfg)
     config_dict = {"data": cfg.data, "model": cfg.model, "train": cfg.train, "output": cfg.output,
                    "partition": cfg.partition}

@@ -53,6 +53,7 @@ def run(args) -> int:
     import torch
 
     from ..errors import InputError
+    from ..graph import check_geometry
     from ..predict import (DEFAULT_EDGE_CHUNK, FORMATS, clean_stale_parts, existing_outputs, parse_tile,
                            predict_to_files, read_input)
     from ..train import model_from_checkpoint
@@ -86,6 +87,7 @@ def run(args) -> int:
                 raise InputError(f"{path}: --tile needs a structure periodic in all three directions")
             atoms = atoms.repeat(reps)
             stem = f"{stem}_{'x'.join(map(str, reps))}"
+        check_geometry(atoms.get_positions(), atoms.get_cell().array, atoms.get_pbc(), float(model.config.r_cut), path)
         inputs.append((path, atoms, stem))
     stems = [s for _, _, s in inputs]
     if len(set(stems)) != len(stems):
