@@ -218,16 +218,10 @@ def predict_structure(model, atoms, edge_chunk: int | None = DEFAULT_EDGE_CHUNK,
     model.basis.species_index(atoms.get_atomic_numbers())  # unknown element -> InputError, before any work
     graph = radius_graph(atoms, float(model.config.r_cut))
     n = int(model.basis.orbital_offsets(graph.numbers)[-1])
-    acc: dict = {}
-    for blk in row_blocks(model, graph, edge_chunk or max(1, graph.num_edges), device, partition, order="internal"):
-        for R, M in blk.images.items():
-            C = M.tocoo()
-            acc.setdefault(R, []).append((blk.rows[C.row], C.col, C.data))
-    HR = {}
-    for R, trip in acc.items():
-        r, c, v = (np.concatenate(x) for x in zip(*trip))
-        HR[R] = sp.csr_matrix((v, (r, c)), shape=(n, n))
-        HR[R].eliminate_zeros()
+    HR = rowfile.assemble(row_blocks(model, graph, edge_chunk or max(1, graph.num_edges), device, partition,
+                                     order="internal"), n)
+    for M in HR.values():
+        M.eliminate_zeros()
     return (HR, graph) if return_graph else HR
 
 

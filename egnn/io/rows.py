@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from ..errors import InputError
 
 FORMAT = "egnn-rows-1"
-__all__ = ["RowBlock", "RowsWriter", "write_index", "read_index", "iter_parts", "load_rows", "FORMAT"]
+__all__ = ["RowBlock", "RowsWriter", "write_index", "read_index", "iter_parts", "load_rows", "assemble", "FORMAT"]
 
 
 @dataclass
@@ -136,11 +136,10 @@ def iter_parts(folder: str):
         yield RowBlock(atoms, rows, {tuple(int(x) for x in R): big[k * r:(k + 1) * r] for k, R in enumerate(shifts)})
 
 
-def load_rows(folder: str) -> dict:
-    """The whole matrix {shift: csr [n, n]} from a row-block folder (all parts together)."""
-    n = int(read_index(folder)["n_orbitals"])
+def assemble(blocks, n: int) -> dict:
+    """{shift: csr [n, n]} from RowBlocks (each row in exactly one block)."""
     acc: dict = {}
-    for blk in iter_parts(folder):
+    for blk in blocks:
         for R, M in blk.images.items():
             C = M.tocoo()
             acc.setdefault(R, []).append((blk.rows[C.row], C.col, C.data))
@@ -149,3 +148,8 @@ def load_rows(folder: str) -> dict:
         r, c, v = (np.concatenate(x) for x in zip(*trip))
         out[R] = sp.csr_matrix((v, (r, c)), shape=(n, n))
     return out
+
+
+def load_rows(folder: str) -> dict:
+    """The whole matrix {shift: csr [n, n]} from a row-block folder (all parts together)."""
+    return assemble(iter_parts(folder), int(read_index(folder)["n_orbitals"]))
