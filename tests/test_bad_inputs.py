@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from egnn.cli import main
-from egnn.errors import ConfigError, DistributedError, EgnnError, InputError, TrainingError
+from egnn.errors import ConfigError, InputError, TrainingError
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "cp2k")
 KP = os.path.join(FIX, "hfo2_m12_rattled_s0000")  # real-space images, binary .csr.gz
