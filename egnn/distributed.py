@@ -455,7 +455,15 @@ def output_chunks(model, graph, parts, edge_chunk: int, *, group=None, backend="
     ex = HaloExchange(plan, backend, group)
     if size > 1:
         check_plans(plan, group)
-    enc = model.encode(sp, src, dstl, v, edge_chunk, exchange=ex)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(model.layers) * max(1, -(-len(plan.edges) // edge_chunk)), unit="chunk", leave=False,
+                   desc="[egnn predict] layers x chunks (rank 0)")
+    enc = model.encode(sp, src, dstl, v, edge_chunk, exchange=ex, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
     g_edges = plan.edges
     rev_g = graph.reverse()[g_edges]
     owner = parts[graph.src[g_edges]]  # owner of each edge's src = owner of its reverse edge
@@ -477,7 +485,10 @@ def output_chunks(model, graph, parts, edge_chunk: int, *, group=None, backend="
     send_bufs, reqs = [], []
     peer = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
     for q in peers:
-        buf = model.edge_outputs(enc, torch.as_tensor(sends[q], device=device)).contiguous()
+        idx = torch.as_tensor(sends[q], device=device)
+        buf = torch.empty((len(idx), (G + 1) ** 2, we), dtype=dtype, device=device)
+        for a in range(0, len(idx), edge_chunk):  # chunk by chunk: no transient of all boundary edges at once
+            buf[a:a + edge_chunk] = model.edge_outputs(enc, idx[a:a + edge_chunk])
         send_bufs.append(buf)
         a, n = recvs[q]
         reqs.append(_collective(lambda q=q, buf=buf: dist.isend(buf, peer(q), group=group), "sending reverse edges"))

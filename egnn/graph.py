@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["AtomGraph", "radius_graph", "check_structure"]
+__all__ = ["AtomGraph", "radius_graph", "check_structure", "check_geometry"]
 
 
 @dataclass
@@ -83,6 +83,45 @@ def check_structure(positions, cell, pbc, where: str = "structure") -> None:
         raise InputError(f"{where}: the periodic cell has zero volume; check the cell vectors")
 
 
+MAX_SHIFT = 1023  # cell shifts are packed in ±1024 per axis (egnn.blocks._shift_keys)
+MAX_COORD = 1e6  # Å: beyond this float64 positions lose the precision edges need
+MAX_IMAGES = 200_000  # periodic images within r_cut that a sane cell needs
+
+
+def check_geometry(positions, cell, pbc, r_cut: float, where: str = "structure") -> None:
+    """check_structure, and what would make the neighbour list wrong or endless: coordinates so large
+    that float64 loses sub-Å precision, a nearly flat periodic cell (millions of images within
+    r_cut), and atoms so many cells away that their shifts leave the packed range."""
+    check_structure(positions, cell, pbc, where)
+    positions = np.asarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    far = float(np.abs(positions).max())
+    if far > MAX_COORD:
+        raise InputError(f"{where}: a coordinate of {far:.3g} Å; float64 loses the precision edges need that far "
+                         "from the origin. Move the structure near the origin (or wrap it into its cell: "
+                         "ase's atoms.wrap())")
+    if not pbc.any():
+        return
+    if not pbc.all():
+        return  # open axes take no images; check_structure covered the periodic cell vectors
+    vol = abs(np.linalg.det(cell))
+    heights = vol / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    images = np.prod(2 * np.ceil(r_cut / np.maximum(heights, 1e-300)) + 1)
+    if images > MAX_IMAGES:
+        d = int(np.argmin(heights))
+        raise InputError(f"{where}: the cell is nearly flat (its height across axis {'abc'[d]} is {heights[d]:.3g} Å, "
+                         f"volume {vol:.3g} Å³): r_cut {r_cut:g} Å would reach {images:.3g} periodic images. Check "
+                         "the cell vectors")
+    frac = positions @ np.linalg.inv(cell)
+    reach = np.ceil(r_cut / heights)
+    worst = np.abs(frac).max(axis=0) + reach
+    if (worst > MAX_SHIFT).any():
+        k = int(np.argmax(np.abs(frac).max(axis=1)))
+        raise InputError(f"{where}: atom {k + 1} lies {np.abs(frac[k]).max():.0f} cells from the cell; cell shifts "
+                         f"beyond ±{MAX_SHIFT} cannot be stored. Wrap the positions into the cell (ase: atoms.wrap())")
+
+
 def radius_graph(atoms, r_cut: float, self_loops: bool = False) -> AtomGraph:
     """All directed edges with |r| <= r_cut over periodic images, sorted by dst (stable: within one
     dst, vesin's deterministic order).
@@ -97,7 +136,7 @@ def radius_graph(atoms, r_cut: float, self_loops: bool = False) -> AtomGraph:
     positions = np.ascontiguousarray(atoms.get_positions(), dtype=np.float64)
     cell = np.asarray(atoms.get_cell().array, dtype=np.float64)
     pbc = np.asarray(atoms.get_pbc(), dtype=bool)
-    check_structure(positions, cell, pbc)
+    check_geometry(positions, cell, pbc, r_cut)
     box = cell.copy()
     if not pbc.all():  # vesin wants a box even on open axes; it ignores it there
         for d in np.flatnonzero(~pbc):

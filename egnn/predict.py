@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -106,7 +107,7 @@ def output_chunks(model, graph, edge_chunk: int = DEFAULT_EDGE_CHUNK, device=Non
     if parts is not None:
         from .distributed import output_chunks as dist_chunks
 
-        yield from dist_chunks(model, graph, parts, edge_chunk, progress=progress)
+        yield from dist_chunks(model, graph, parts, edge_chunk, device=device, progress=progress)
         return
     p0 = next(model.parameters())
     device = torch.device(device) if device is not None else p0.device
@@ -217,16 +218,10 @@ def predict_structure(model, atoms, edge_chunk: int | None = DEFAULT_EDGE_CHUNK,
     model.basis.species_index(atoms.get_atomic_numbers())  # unknown element -> InputError, before any work
     graph = radius_graph(atoms, float(model.config.r_cut))
     n = int(model.basis.orbital_offsets(graph.numbers)[-1])
-    acc: dict = {}
-    for blk in row_blocks(model, graph, edge_chunk or max(1, graph.num_edges), device, partition, order="internal"):
-        for R, M in blk.images.items():
-            C = M.tocoo()
-            acc.setdefault(R, []).append((blk.rows[C.row], C.col, C.data))
-    HR = {}
-    for R, trip in acc.items():
-        r, c, v = (np.concatenate(x) for x in zip(*trip))
-        HR[R] = sp.csr_matrix((v, (r, c)), shape=(n, n))
-        HR[R].eliminate_zeros()
+    HR = rowfile.assemble(row_blocks(model, graph, edge_chunk or max(1, graph.num_edges), device, partition,
+                                     order="internal"), n)
+    for M in HR.values():
+        M.eliminate_zeros()
     return (HR, graph) if return_graph else HR
 
 
@@ -361,15 +356,29 @@ class _Cp2kStream:
             fh.write(_image_table(self.prefix, keys))
 
 
+def _gamma_rows(blk: rowfile.RowBlock, n: int) -> sp.csr_matrix:
+    """Σ_R of a block's rows: its rows of H(Γ) [len(rows), n]."""
+    G = sp.csr_matrix((len(blk.rows), n))
+    for M in blk.images.values():
+        G = G + M
+    return G.tocsr()
+
+
 def _finalize(kind, rows_dir, tmp, stem, name, atoms, meta_extra):
-    """An in-memory format from a finished row-block folder (after the model's state is freed)."""
-    MR = rowfile.load_rows(rows_dir)
+    """An in-memory format from a finished row-block folder (after the model's state is freed).
+    gamma sums each part's images as it reads it, so it never holds more than H(Γ)."""
     if kind == "gamma":
-        G = None
-        for M in MR.values():
-            G = M.copy() if G is None else G + M
-        sp.save_npz(os.path.join(tmp, f"{stem}_{name}.npz"), G.tocsr(), compressed=False)
-    elif kind == "npz":
+        n = int(rowfile.read_index(rows_dir)["n_orbitals"])
+        rows, mats = [], []
+        for blk in rowfile.iter_parts(rows_dir):
+            rows.append(blk.rows)
+            mats.append(_gamma_rows(blk, n))
+        order = np.argsort(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
+        G = sp.vstack(mats, format="csr")[order] if mats else sp.csr_matrix((n, n))
+        sp.save_npz(os.path.join(tmp, f"{stem}_{name}.npz"), G, compressed=False)
+        return
+    MR = rowfile.load_rows(rows_dir)
+    if kind == "npz":
         keys = sorted(MR)
         big = sp.vstack([MR[R] for R in keys], format="csr")
         with open(os.path.join(tmp, f"{stem}_{name}R.npz"), "wb") as fh:
@@ -411,43 +420,64 @@ def _available_memory() -> int | None:
     return avail
 
 
+BASE_BYTES = 450 * 2 ** 20  # python + torch + egnn before any data (measured: bench_predict.py)
+
+
 def estimate(graph, model, formats, edge_chunk: int, overlap: bool = False, ranks: int = 1,
              binary: bool = True) -> dict:
-    """Peak memory (bytes, per rank) and output size (bytes per format) of a prediction, before it
-    runs: graph + model state (node and edge embeddings) + one chunk's transients + one block of
-    rows while streaming; for gamma/npz/sisl the whole matrix once the state is freed."""
+    """Peak memory (bytes per process) and output size (bytes per format) of a prediction, before it
+    runs: the interpreter, the graph (every rank holds the global one), the model state (node and
+    edge embeddings of its share), one chunk's transients and one block of rows while streaming,
+    the reverse-edge buffers of a distributed run; at the end, the in-memory formats (gamma holds
+    H(Γ); npz and sisl the whole H(R)), once the model state is freed."""
     cfg = model.config
     K, C = (cfg.lmax + 1) ** 2, cfg.channels
     E, N = graph.num_edges, graph.num_nodes
     norb = np.diff(model.basis.orbital_offsets(graph.numbers))
     nnz = int(E * float(np.mean(norb) ** 2) + float(np.sum(norb ** 2)))  # one block per edge and node
     e_loc, n_loc = E / ranks, N / ranks
-    graph_b = E * 72  # src, dst, shift, vec (numpy) + reverse index
+    G, we = (model.L_max + 1) ** 2, max(model.edge_counts)
+    graph_b = E * 72  # src, dst, shift, vec (numpy) + reverse index: the global graph on every rank
     state = e_loc * (K * C * 4 + 40) + n_loc * K * C * 4 * (len(model.layers) + 3)
     chunk = min(edge_chunk, max(E, 1)) * TRANSIENT_BYTES_PER_EDGE * (K * C) / 400
     block = min(edge_chunk, max(E, 1)) * 2 * float(np.mean(norb) ** 2) * 48
-    stream = graph_b + state + chunk + block
+    reverse = 0.0
+    if ranks > 1:  # edges with a remote src: their outputs sent and the reverses received
+        reverse = 2 * e_loc * 0.5 * G * we * 4
+    stream = BASE_BYTES + graph_b + state + chunk + block + reverse
     mats = 2 if overlap else 1
-    final = graph_b + max([0] + [{"gamma": 2, "npz": 3, "sisl": 4}[f] * nnz * 16 * mats
-                                 for f in formats if f in _IN_MEMORY])
+    per_nnz = {"gamma": 60, "npz": 48, "sisl": 64}  # measured peaks of each finishing step, bytes per non-zero
+    final = BASE_BYTES + graph_b + max([0] + [per_nnz[f] * nnz * mats for f in formats if f in _IN_MEMORY])
     out = {"rows": nnz * 12 * mats, "gamma": nnz * 12 * mats, "npz": nnz * 12 * mats,
            "cp2k": nnz * (24 if binary else 40) * 2 * mats, "sisl": nnz * 24 * mats}
     return {"peak_bytes": int(max(stream, final)), "stream_bytes": int(stream), "finalize_bytes": int(final),
             "nonzeros": nnz, "output_bytes": {f: int(out[f]) for f in formats}, "edges": E, "atoms": N}
 
 
-def _check_fits(est: dict, formats, where: str) -> None:
+def _check_fits(est: dict, formats, where: str, out_dir: str) -> None:
+    """Memory (this process times the ranks on this node) and disk, before any work."""
     avail = _available_memory()
-    if avail is None or est["peak_bytes"] < 0.9 * avail:
-        return
-    hints = []
-    if any(f in _IN_MEMORY for f in formats):
-        hints.append("--format rows (or rows,cp2k): formats that never hold the whole matrix")
-    hints.append("--edge-chunk 5000 (smaller chunk transients)")
-    hints.append("torchrun --nproc-per-node N -m egnn predict --partition low-nn (each rank holds 1/N of the state)")
-    raise InputError(f"{where}: the prediction needs about {_human(est['peak_bytes'])} "
-                     f"({est['edges']:,} edges, {est['nonzeros']:,} non-zeros) but {_human(avail)} are "
-                     f"available; try " + "; or ".join(hints))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 1
+    need = est["peak_bytes"] * local
+    if avail is not None and need >= 0.9 * avail:
+        hints = []
+        if any(f in _IN_MEMORY for f in formats):
+            hints.append("--format rows (or rows,cp2k): formats that never hold the whole matrix")
+        hints.append("--edge-chunk 5000 (smaller chunk transients)")
+        hints.append("torchrun with more ranks over more nodes (each rank holds its share of the state)")
+        raise InputError(f"{where}: the prediction needs about {_human(need)}"
+                         f"{f' ({local} ranks on this node)' if local > 1 else ''} ({est['edges']:,} edges, "
+                         f"{est['nonzeros']:,} non-zeros) but {_human(avail)} are available; try " + "; or ".join(hints))
+    where_disk = os.path.abspath(out_dir)
+    while not os.path.exists(where_disk):
+        where_disk = os.path.dirname(where_disk)
+    free = shutil.disk_usage(where_disk).free
+    size = sum(est["output_bytes"].values())
+    if size >= 0.95 * free:
+        raise InputError(f"{where}: the output needs about {_human(size)} ("
+                         + ", ".join(f"{f} {_human(b)}" for f, b in est["output_bytes"].items())
+                         + f") but {out_dir} has {_human(free)} free; write fewer formats (--format rows), binary CP2K "
+                         "files (--binary), or choose another -o")
 
 
 def _human(b) -> str:
@@ -455,23 +485,31 @@ def _human(b) -> str:
 
 
 def clean_stale_parts(out_dir: str) -> list[str]:
-    """Remove the `.part` folders egnn left in out_dir from killed runs (their marker names a process
-    that no longer runs on this host); report the ones whose writer is alive. Returns what was removed."""
+    """Remove the `.part` folders egnn left in out_dir from killed runs: its marker names a process
+    on this host that no longer runs. Report, and leave, the others: a writer that is alive, a
+    writer on another host (a shared file system), a `.part` folder without egnn's marker."""
     removed = []
     if not os.path.isdir(out_dir):
         return removed
     for name in sorted(os.listdir(out_dir)):
         path = os.path.join(out_dir, name)
+        if not (name.startswith(".") and name.endswith(".part") and os.path.isdir(path)):
+            continue
         marker = os.path.join(path, "egnn-partial.json")
-        if not (name.startswith(".") and name.endswith(".part") and os.path.isfile(marker)):
+        if not os.path.isfile(marker):
+            log(f"{path}: a partial folder without egnn's marker ({_human(_size(path))}); left alone, remove it "
+                "yourself if a killed run left it")
             continue
         try:
             with open(marker) as fh:
                 info = json.load(fh)
         except (OSError, json.JSONDecodeError):
             info = {}
-        alive = info.get("host") == socket.gethostname() and _pid_alive(int(info.get("pid", -1)))
-        if alive:
+        if info.get("host") != socket.gethostname():
+            log(f"{path}: partial output of {info.get('stem')!r} written from host {info.get('host')!r}; left alone "
+                "(it may still run there)")
+            continue
+        if _pid_alive(int(info.get("pid", -1))):
             log(f"{path}: a prediction of {info.get('stem')!r} started {info.get('started')} is still being written "
                 f"by process {info.get('pid')}; left alone")
             continue
@@ -494,22 +532,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _egnn_names(stem: str):
+    """The names egnn's writers give a structure's files (exactly: never a prefix match)."""
+    s = re.escape(stem)
+    return re.compile(rf"{s}_(H|S)\.rows|{s}_(H|S)R?\.npz|{s}-(KS|S)_SPIN_1(_R_\d+)?-1_0\.csr|{s}_images\.out|"
+                      rf"{s}\.TSHS|{s}_meta\.json")
+
+
 def existing_outputs(out_dir: str, stem: str) -> list[str]:
-    """Files of an earlier prediction of `stem` in out_dir (its meta.json's list, or the known names)."""
-    meta = os.path.join(out_dir, f"{stem}_meta.json")
-    names = []
-    if os.path.isfile(meta):
-        try:
-            with open(meta) as fh:
-                names = json.load(fh).get("files", [])
-        except (OSError, json.JSONDecodeError):
-            names = []
-        names = names + [f"{stem}_meta.json"]
-    else:
-        for f in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-            if f.startswith(f"{stem}_") or f.startswith(f"{stem}-") or f.startswith(f"{stem}.TSHS"):
-                names.append(f)
-    return [os.path.join(out_dir, n) for n in dict.fromkeys(names) if os.path.exists(os.path.join(out_dir, n))]
+    """Files of an earlier prediction of `stem` in out_dir: the names egnn writes for that stem, and
+    only those (a meta.json's file list is trusted only where it names such files)."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = _egnn_names(stem)
+    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir) if names.fullmatch(f))
 
 
 # ----------------------------------------------------------------------------- the whole job
@@ -550,7 +586,7 @@ def predict_to_files(model, atoms, out_dir: str, stem: str, formats=DEFAULT_FORM
         log(f"{stem}: estimated peak memory {_human(est['peak_bytes'])} per process, output "
             + ", ".join(f"{f} {_human(b)}" for f, b in est["output_bytes"].items()))
     if check_memory:
-        _check_fits(est, formats, stem)
+        _check_fits(est, formats, stem, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     old = existing_outputs(out_dir, stem)
     if old and not overwrite:
@@ -588,7 +624,7 @@ def predict_to_files(model, atoms, out_dir: str, stem: str, formats=DEFAULT_FORM
             _barrier(world)
             return None
         meta = {"n_orbitals": writer.n, "atoms": len(atoms), "matrix": "H", "units": "eV"}
-        rowfile.write_index(rows_dirs["H"], parts, meta)
+        rowfile.write_index(rows_dirs["H"], parts, meta, _atom_part(parts, len(atoms)))
         if S is not None:  # S from PySCF, in memory already: written on rank 0
             swriter = rowfile.RowsWriter(rows_dirs["S"], writer.n, 0)
             scp2k = _Cp2kStream(tmp, stem, "S", "S", binary, atoms, model.basis) if "cp2k" in formats else None
@@ -598,14 +634,21 @@ def predict_to_files(model, atoms, out_dir: str, stem: str, formats=DEFAULT_FORM
                     scp2k.write(blk)
             if scp2k:
                 scp2k.close()
-            rowfile.write_index(rows_dirs["S"], swriter.parts, {**meta, "matrix": "S", "units": "1"})
+            rowfile.write_index(rows_dirs["S"], swriter.parts, {**meta, "matrix": "S", "units": "1"},
+                                _atom_part(swriter.parts, len(atoms)))
         t2 = time.perf_counter()
         for kind in ("gamma", "npz"):
             if kind in formats:
                 for nm in names:
+                    t = time.perf_counter()
                     _finalize(kind, rows_dirs[nm], tmp, stem, nm, atoms, extra_meta)
+                    if progress:
+                        log(f"{stem}: {kind} {nm} written in {time.perf_counter() - t:.1f} s")
         if "sisl" in formats:
+            t = time.perf_counter()
             _write_sisl(tmp, stem, atoms, model.basis, rows_dirs["H"], rows_dirs["S"])
+            if progress:
+                log(f"{stem}: sisl .TSHS written in {time.perf_counter() - t:.1f} s")
         if "rows" not in formats:
             for d in rows_dirs.values():
                 shutil.rmtree(d)
@@ -661,6 +704,16 @@ def _shared_part_dir(out_dir, stem, world, rank) -> str:
         dist.broadcast_object_list(box, src=0)
         name = box[0]
     return name
+
+
+def _atom_part(parts, n_atoms):
+    """Part index of every atom (parts carry their atom lists until the index is written)."""
+    ap = np.full(n_atoms, -1, np.int64)
+    for k, p in enumerate(parts):
+        ap[np.asarray(p.pop("atom_ids"), np.int64)] = k
+    if (ap < 0).any():
+        raise InputError(f"row blocks: {int((ap < 0).sum())} atoms are in no part; the ranks' outputs are incomplete")
+    return ap
 
 
 def _gather_parts(parts, world):

@@ -7,7 +7,8 @@ rattled σ = 0.1 Å, seed 0), tiled 2x2x1 and 2x2x2 by `--tile`. The model is th
 (lmax = mmax = 4, 16 channels, 2 layers; untrained: the weights do not change the cost) or
 --checkpoint. Every run is the real command line, `egnn predict ... --json` (under torchrun for
 ranks > 1), in its own process, so its peak RSS is its own; the report of each rank comes back in
-the JSON. Formats: rows (streamed, the scalable one) and gamma unless --format says otherwise.
+the JSON. Format: rows (streamed, the scalable one, and the only one under torchrun) for every run, so
+bytes and memory compare; --format adds others to the one-process runs.
 
     .venv/bin/python profiling/bench_predict.py [--sizes 3000,12000,24000] [--ranks 1,2,4]
         [--edge-chunk 20000] [--format rows,gamma] [--checkpoint CK] [--out profiling/results/bench_predict.json]
@@ -26,6 +27,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TILES = {3000: (1, 1, 1), 12000: (2, 2, 1), 24000: (2, 2, 2)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_structure(path):
@@ -55,15 +64,19 @@ def run_one(n_atoms, ranks, args, work):
     tile = "x".join(map(str, TILES[n_atoms]))
     egnn = [sys.executable, "-m", "egnn"] if ranks == 1 else \
         [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node", str(ranks),
-         "--master-port", str(29500 + ranks), "-m", "egnn"]
+         "--master-port", str(_free_port()), "-m", "egnn"]
+    fmt = args.format if ranks == 1 or args.format == "rows" else "rows"
     cmd = egnn + ["predict", "--checkpoint", args.checkpoint, args.structure, "-o", out, "--tile", tile,
-                  "--edge-chunk", str(args.edge_chunk), "--format", args.format if ranks == 1 else "rows", "--json"]
+                  "--edge-chunk", str(args.edge_chunk), "--format", fmt, "--json"]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // ranks)))
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
+    with open(os.path.join(work, f"log_{n_atoms}_{ranks}.txt"), "w") as fh:  # the whole story, for failures
+        fh.write(p.stderr)
     if p.returncode:
-        return {"atoms_target": n_atoms, "ranks": ranks, "error": p.stderr[-2000:], "wall_s": wall}
+        return {"atoms_target": n_atoms, "ranks": ranks, "error": p.stderr[-4000:], "wall_s": wall,
+                "log": os.path.join(work, f"log_{n_atoms}_{ranks}.txt")}
     rep = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
     s = rep["structures"][0]
     row = {"atoms": s["atoms"], "ranks": ranks, "edges": s["edges"], "nonzeros": s["nonzeros"], "wall_s": wall,
@@ -71,7 +84,7 @@ def run_one(n_atoms, ranks, args, work):
            "finalize_s": s["finalize_s"], "total_s": s["total_s"], "bytes_written": s["bytes"],
            "estimate_peak_MB": s["estimate"]["peak_bytes"] / 2 ** 20,
            "peak_rss_MB": rep.get("peak_rss_MB_per_rank", [rep["peak_rss_MB"]]),
-           "format": args.format if ranks == 1 else "rows"}
+           "format": fmt}
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return row
@@ -82,7 +95,7 @@ def main():
     ap.add_argument("--sizes", default="3000,12000,24000")
     ap.add_argument("--ranks", default="1,2,4")
     ap.add_argument("--edge-chunk", type=int, default=20_000)
-    ap.add_argument("--format", default="rows,gamma")
+    ap.add_argument("--format", default="rows", help="formats (default rows: the same for every rank count)")
     ap.add_argument("--threads", type=int, default=2, help="threads per run, split over its ranks")
     ap.add_argument("--checkpoint", default=None, help="a trained checkpoint (default: untrained, demo size)")
     ap.add_argument("--work", default=None, help="folder for the structure and the outputs (default: a temp dir)")

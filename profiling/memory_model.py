@@ -13,8 +13,10 @@ outputs arrive in the exchange). Per rank, for the model's size (lmax, channels,
     edges      owned edges × (lmax+1)²·C·4 B                           (the edge embeddings)
     transient  edge_chunk × 40 kB × (lmax+1)²·C / 400                  (one chunk's messages)
     halo       (recv + send) halo rows × (lmax+1)²·C·4 B               (exchange buffers)
-    reverse    remote-src edges × (L+1)²·w·4 B                          (received reverse outputs)
+    reverse    2 × remote-src edges × (L+1)²·w·4 B                      (outputs sent, reverses received)
     rows       edge_chunk × 2 × (orbitals per atom)² × 48 B             (one block of rows, host RAM)
+    host       all edges × 167 B                                        (every rank builds the global graph:
+                                                                         host RAM per rank, the known limit)
 
 and the GPU memory size that holds everything but the rows (host RAM) with 10 % to spare. The transient constant is egnn.predict's
 (calibrated on CPU by bench_predict.py: compare "est. MB" with the peak RSS there).
@@ -33,6 +35,7 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HOST_GRAPH_BYTES_PER_EDGE = 167  # peak while building the global graph (vesin + sorting), measured on CPU
 GPUS = [("24 GB (L4, A10)", 24), ("40 GB (A100-40)", 40), ("80 GB (A100/H100-80)", 80), ("96 GB (GH200)", 96),
         ("141 GB (H200)", 141)]
 
@@ -69,8 +72,9 @@ def main():
     G, we = (basis.L_max + 1) ** 2, max(basis.edge_channels())
     print(f"{len(atoms):,} atoms ({n0} x {T} tiles), {bg.num_edges * T / 1e6:.1f} M edges at {a.r_cut} Å; "
           f"model lmax {a.lmax}, C {C}, {a.layers} layers, edge_chunk {a.edge_chunk}")
+    total_edges = bg.num_edges * T
     hdr = (f"{'ranks':>6}{'atoms/rk':>9}{'edges/rk':>10}{'halo/rk':>9}{'remote e':>9}{'graph':>7}{'nodes':>7}"
-           f"{'edges':>7}{'trans.':>7}{'halo':>6}{'rev':>6}{'rows':>6}{'total GB':>9}  fits")
+           f"{'edges':>7}{'trans.':>7}{'halo':>6}{'rev':>6}{'rows':>6}{'total GB':>9}{'host GB':>8}  fits")
     print("per rank (the rank with the most GPU memory), GB; 'rows' is host RAM, not in the total:")
     print(hdr)
     out = []
@@ -92,13 +96,14 @@ def main():
             "edges": edges * row,
             "transient": np.minimum(edges, a.edge_chunk) * TRANSIENT_BYTES_PER_EDGE * K * C / 400,
             "halo": (halo + send) * row,
-            "reverse": remote * G * we * 4.0,
+            "reverse": 2 * remote * G * we * 4.0,  # outputs sent to the owners of remote srcs, reverses received
             "rows": np.minimum(edges, a.edge_chunk) * 2 * mean_norb2 * 48,
         }
         total = sum(v for k, v in comp.items() if k != "rows")  # the GPU's share; rows live in host memory
+        host = comp["rows"] + total_edges * HOST_GRAPH_BYTES_PER_EDGE  # every rank builds the global graph
         worst = int(np.argmax(total))
         fits = next((name for name, gb in GPUS if total[worst] * 1.1 <= gb * 1e9), "none listed")
-        rec = {"ranks": P, "atoms": len(atoms), "partition_s": t_part,
+        rec = {"ranks": P, "atoms": len(atoms), "partition_s": t_part, "host_bytes_per_rank": float(host.max()),
                "atoms_per_rank_max": int(nodes.max()), "edges_per_rank_max": int(edges.max()),
                "halo_per_rank_max": int(halo.max()), "remote_edges_per_rank_max": int(remote.max()),
                "bytes_per_rank_max": float(total.max()), "bytes_per_rank_mean": float(total.mean()),
@@ -107,7 +112,7 @@ def main():
         g = {k: v[worst] / 1e9 for k, v in comp.items()}
         print(f"{P:>6}{int(nodes.max()):>9}{int(edges.max()):>10}{int(halo.max()):>9}{int(remote.max()):>9}"
               f"{g['graph']:>7.2f}{g['nodes']:>7.2f}{g['edges']:>7.2f}{g['transient']:>7.2f}{g['halo']:>6.2f}"
-              f"{g['reverse']:>6.2f}{g['rows']:>6.2f}{total[worst] / 1e9:>9.2f}  {fits}")
+              f"{g['reverse']:>6.2f}{g['rows']:>6.2f}{total[worst] / 1e9:>9.2f}{host.max() / 1e9:>8.1f}  {fits}")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump({"r_cut": a.r_cut, "tile": reps, "layers": a.layers, "lmax": a.lmax, "channels": C,

@@ -42,11 +42,10 @@ def run(args) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     cfg = load_config(demo_config(out, args.minutes, args.epochs))
-    shutil.rmtree(cfg.output, ignore_errors=True)
     t0 = time.time()
     print(f"[1/3] training on {len(cfg.data['train'])} CP2K runs for up to {args.minutes:g} min "
           f"(validation: {os.path.basename(cfg.data['val'][0])})")
-    result = train_from_config(cfg, progress=True)
+    result = train_from_config(cfg, progress=True, overwrite=True)  # a rerun replaces the demo's own files
     ck = os.path.join(out, "checkpoint.pt")
     shutil.copyfile(os.path.join(cfg.output, "best.pt"), ck)
     print(f"      {result['epoch']} epochs in {result['wall_s'] / 60:.1f} min; "
@@ -97,4 +96,5 @@ def _evaluate_and_predict(ck: str, val_runs: list, out: str, tile: str) -> dict:
             "prediction": os.path.join(pred_dir, f"{stem}_H.npz"), "mae_meV": res["mae_meV"],
             "mae_node_meV": res["mae_node_meV"], "mae_edge_meV": res["mae_edge_meV"],
             "eig_occ_mae_meV": res["eig_occ_mae_meV"], "eig_rel_percent": res["eig_rel_percent"],
+            "band_mae_meV": res.get("band_mae_meV"), "band_gap_mae_meV": res.get("band_gap_mae_meV"),
             "predicted_files": len(files)}

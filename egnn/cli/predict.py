@@ -42,9 +42,11 @@ def _check_output(path):
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"-o {path}: exists and is not a folder; choose another output")
-    parent = path
+    parent = os.path.abspath(path)
     while not os.path.exists(parent):
-        parent = os.path.dirname(os.path.abspath(parent))
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"-o {path}: {parent} is a file, so the output folder cannot be made; choose another output")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"-o {path}: {parent} is not writable; choose another output folder")
 
@@ -53,6 +55,7 @@ def run(args) -> int:
     import torch
 
     from ..errors import InputError
+    from ..graph import check_geometry
     from ..predict import (DEFAULT_EDGE_CHUNK, FORMATS, clean_stale_parts, existing_outputs, parse_tile,
                            predict_to_files, read_input)
     from ..train import model_from_checkpoint
@@ -69,8 +72,14 @@ def run(args) -> int:
     if args.edge_chunk is not None and args.edge_chunk < 1:
         raise InputError(f"--edge-chunk {args.edge_chunk}: must be a positive number of edges")
     model = model_from_checkpoint(args.checkpoint)
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank on its own GPU (LOCAL_RANK), gloo for CPUs
+        from ..distributed import init_distributed
+
+        info = init_distributed(device="cuda" if args.device.startswith("cuda") else "cpu")
+        device = str(info.device)
     try:
-        model.to(torch.device(args.device))
+        model.to(torch.device(device))
     except (RuntimeError, AssertionError) as exc:
         raise InputError(f"--device {args.device}: not usable here ({exc}); use --device cpu") from None
     basis = model.basis
@@ -86,6 +95,7 @@ def run(args) -> int:
                 raise InputError(f"{path}: --tile needs a structure periodic in all three directions")
             atoms = atoms.repeat(reps)
             stem = f"{stem}_{'x'.join(map(str, reps))}"
+        check_geometry(atoms.get_positions(), atoms.get_cell().array, atoms.get_pbc(), float(model.config.r_cut), path)
         inputs.append((path, atoms, stem))
     stems = [s for _, _, s in inputs]
     if len(set(stems)) != len(stems):
@@ -97,6 +107,16 @@ def run(args) -> int:
             if old:
                 raise InputError(f"{args.output}: holds an earlier prediction of {stem!r} ({len(old)} files, e.g. "
                                  f"{os.path.basename(old[0])}); add --overwrite to replace them, or choose another -o")
+    # memory and disk of every input before any is predicted: all or nothing
+    from ..graph import radius_graph
+    from ..predict import _check_fits, estimate
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not args.no_memory_check:
+        for path, atoms, stem in inputs:
+            est = estimate(radius_graph(atoms, float(model.config.r_cut)), model, formats,
+                           args.edge_chunk or DEFAULT_EDGE_CHUNK, args.with_overlap, world, args.binary)
+            _check_fits(est, formats, path, args.output)
     overlap_basis = None
     if args.with_overlap:
         from ..predict import check_overlap_basis
@@ -116,7 +136,7 @@ def run(args) -> int:
 
             S = overlap_for(atoms, basis, overlap_basis)
         info = predict_to_files(model, atoms, args.output, stem, formats, S=S, binary=args.binary, edge_chunk=chunk,
-                                device=args.device, partition=args.partition, overwrite=args.overwrite,
+                                device=device, partition=args.partition, overwrite=args.overwrite,
                                 progress=not args.json, check_memory=not args.no_memory_check,
                                 extra_meta={"source": os.path.abspath(path), "checkpoint": report["checkpoint"],
                                             "tile": list(reps)})

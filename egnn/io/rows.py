@@ -3,6 +3,7 @@ so that neither the writer nor a reader ever holds the whole matrix.
 
     <stem>_H.rows/
         index.json                 what a reader needs first (below)
+        atom_part.npy              int32 [atoms]: the index (in index.json's "parts") of each atom's part
         part-r00000-00000.npz      rows of some atoms, every image; one file per rank and chunk
         part-r00000-00001.npz
         ...
@@ -15,7 +16,9 @@ index.json: {"format": "egnn-rows-1", "matrix": "H" | "S", "units": "eV" | "1", 
     rows   int64 [r]       their orbital rows (ascending global orbital ids)
     shifts int64 [K, 3]    the images R present in these rows
     indptr, indices, data  one CSR of shape [K·r, n]: the r rows of image k are rows k·r .. (k+1)·r−1
-Every row of the matrix is in exactly one part. Values: H in eV, S unitless, float64; orbitals in
+Every row of the matrix is in exactly one part. One process writes its parts in ascending atom
+ranges; under torchrun each rank writes the atoms it owns, so parts of different ranks interleave
+and atom_part.npy says where a row is. Values: H in eV, S unitless, float64; orbitals in
 the input's atom order and CP2K's shell and m order; block (i, j) of image R couples atom i at x_i
 with atom j at x_j + R·cell (the positions as given, not wrapped).
 
@@ -34,7 +37,7 @@ import scipy.sparse as sp
 from ..errors import InputError
 
 FORMAT = "egnn-rows-1"
-__all__ = ["RowBlock", "RowsWriter", "write_index", "read_index", "iter_parts", "load_rows", "FORMAT"]
+__all__ = ["RowBlock", "RowsWriter", "write_index", "read_index", "iter_parts", "load_rows", "assemble", "FORMAT"]
 
 
 @dataclass
@@ -68,18 +71,30 @@ class RowsWriter:
                      data=big.data.astype(np.float64, copy=False))
         os.replace(tmp, os.path.join(self.folder, name))
         atoms = np.asarray(block.atoms)
-        self.parts.append({"file": name, "rank": self.rank, "atoms": int(len(atoms)),
+        self.parts.append({"file": name, "rank": self.rank, "atoms": int(len(atoms)), "atom_ids": atoms.tolist(),
                            "first_atom": int(atoms[0]) if len(atoms) else None,
                            "last_atom": int(atoms[-1]) if len(atoms) else None, "rows": r, "nnz": int(big.nnz),
                            "images": [list(R) for R in keys]})
 
 
-def write_index(folder: str, parts: list[dict], meta: dict) -> str:
-    """index.json of a folder from the parts of every rank (in atom order) and the matrix's meta."""
-    parts = sorted(parts, key=lambda p: (p["first_atom"] is None, p["first_atom"] or 0))
+def write_index(folder: str, parts: list[dict], meta: dict, atom_part=None) -> str:
+    """index.json of a folder from the parts of every rank (sorted by their first atom) and the
+    matrix's meta; with `atom_part` ([atoms] part index of every atom, in the sorted order) also
+    atom_part.npy, which finds the part of any row without opening the others."""
+    order = sorted(range(len(parts)), key=lambda k: (parts[k]["first_atom"] is None, parts[k]["first_atom"] or 0))
+    parts = [parts[k] for k in order]
+    if atom_part is not None:
+        remap = np.empty(len(order), np.int64)
+        remap[np.asarray(order, np.int64)] = np.arange(len(order))
+        ap = remap[np.asarray(atom_part, np.int64)].astype(np.int32)
+        tmp = os.path.join(folder, "atom_part.npy.part")
+        with open(tmp, "wb") as fh:
+            np.save(fh, ap)
+        os.replace(tmp, os.path.join(folder, "atom_part.npy"))
     images = sorted({tuple(R) for p in parts for R in p["images"]})
     doc = {"format": FORMAT, **meta, "nnz": int(sum(p["nnz"] for p in parts)), "images": [list(R) for R in images],
-           "parts": [{k: v for k, v in p.items() if k != "images"} | {"images": len(p["images"])} for p in parts],
+           "parts": [{k: v for k, v in p.items() if k not in ("images", "atom_ids")} | {"images": len(p["images"])}
+                     for p in parts],
            "orbital_order": "input atom order; per atom CP2K's shells (basis file order) and m = -l..l",
            "shift_convention": "block (i, j) of image R couples atom i at x_i with atom j at x_j + R·cell "
                                "(positions as given, not wrapped)",
@@ -105,7 +120,7 @@ def read_index(folder: str) -> dict:
 
 
 def iter_parts(folder: str):
-    """RowBlock of every part, in atom order (one part in memory at a time)."""
+    """RowBlock of every part, in index order (sorted by first atom; one part in memory at a time)."""
     doc = read_index(folder)
     n = int(doc["n_orbitals"])
     for p in doc["parts"]:
@@ -121,11 +136,10 @@ def iter_parts(folder: str):
         yield RowBlock(atoms, rows, {tuple(int(x) for x in R): big[k * r:(k + 1) * r] for k, R in enumerate(shifts)})
 
 
-def load_rows(folder: str) -> dict:
-    """The whole matrix {shift: csr [n, n]} from a row-block folder (all parts together)."""
-    n = int(read_index(folder)["n_orbitals"])
+def assemble(blocks, n: int) -> dict:
+    """{shift: csr [n, n]} from RowBlocks (each row in exactly one block)."""
     acc: dict = {}
-    for blk in iter_parts(folder):
+    for blk in blocks:
         for R, M in blk.images.items():
             C = M.tocoo()
             acc.setdefault(R, []).append((blk.rows[C.row], C.col, C.data))
@@ -134,3 +148,8 @@ def load_rows(folder: str) -> dict:
         r, c, v = (np.concatenate(x) for x in zip(*trip))
         out[R] = sp.csr_matrix((v, (r, c)), shape=(n, n))
     return out
+
+
+def load_rows(folder: str) -> dict:
+    """The whole matrix {shift: csr [n, n]} from a row-block folder (all parts together)."""
+    return assemble(iter_parts(folder), int(read_index(folder)["n_orbitals"]))

@@ -46,8 +46,14 @@ def to_sisl(atoms, basis, HR: dict, SR: dict):
         raise InputError("sisl: images along a non-periodic axis; check the cell and pbc")
     nsc = [2 * int(np.abs(shifts[:, d]).max()) + 1 if len(shifts) else 1 for d in range(3)]
     kinds = {int(z): _atom(sisl, z, basis.shells[basis._symbol(int(z))]) for z in np.unique(numbers)}
-    geom = sisl.Geometry(atoms.get_positions(), atoms=[kinds[int(z)] for z in numbers],
-                         lattice=sisl.Lattice(np.asarray(atoms.get_cell()), nsc=nsc))
+    cell = np.array(atoms.get_cell(), dtype=np.float64)
+    pos = atoms.get_positions()
+    for d in np.flatnonzero(~pbc):  # an open axis: a box 20 Å beyond the atoms' extent (sisl needs a lattice)
+        e = np.eye(3)[d]
+        if np.linalg.norm(cell[d]) > 1e-9:
+            e = cell[d] / np.linalg.norm(cell[d])
+        cell[d] = e * (np.ptp(pos @ e) + 20.0)
+    geom = sisl.Geometry(pos, atoms=[kinds[int(z)] for z in numbers], lattice=sisl.Lattice(cell, nsc=nsc))
     if geom.no != n:
         raise InputError(f"sisl: the geometry has {geom.no} orbitals but the matrices {n}")
 
