@@ -62,7 +62,8 @@ def specs(archs=ARCHS, lmaxes=(2, 4, 6), dtypes=("fp32", "bf16", "fp16"), roll: 
     Every arch and dtype at `lmaxes` with mmax = min(2, lmax) and lmax; with `sweep`, also every
     (lmax, mmax) the backend sends to Triton (lmax <= MAX_TRITON_LMAX, any mmax) for the kernels
     whose code depends on them (the rotations and the aggregation; so2 takes lmax and mmax at run
-    time), in fp32 on the first arch, so no launch the backend allows is left uncompiled."""
+    time), in fp32 on the first arch, so no launch the backend allows is left uncompiled. The so2
+    kernels do not depend on lmax or mmax: they appear once per arch, dtype and variant."""
     out = []
     if sweep:
         out += [Spec(k, archs[0], l, m, "fp32") for l in range(MAX_TRITON_LMAX + 1) for m in range(l + 1)
@@ -77,6 +78,12 @@ def specs(archs=ARCHS, lmaxes=(2, 4, 6), dtypes=("fp32", "bf16", "fp16"), roll: 
                 if roll:  # frames with a roll (fairchem interop) take the HAS_ROLL variants
                     out += [Spec(k, arch, lmax, _mmaxes(lmax)[0], dt, roll=True) for k in ("to_edge", "from_edge")]
             out += [Spec("so2_fwd_tf32", arch, lmax, m, "fp32") for m in _mmaxes(lmax)]
+    # so2 kernels take lmax and mmax at run time: one compile per arch, dtype and variant
+    first = {}
+    for s in out:
+        if s.kernel.startswith("so2"):
+            first.setdefault((s.kernel, s.arch, s.dtype), s)
+    out = [s for s in out if not s.kernel.startswith("so2") or first[(s.kernel, s.arch, s.dtype)] is s]
     return list(dict.fromkeys(s for s in out if s.lmax <= MAX_TRITON_LMAX))
 
 
