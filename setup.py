@@ -13,7 +13,7 @@ from setuptools import setup
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # nothing in csrc/ is Hopper-only, so sm_90a would lock A100 users out
 PACKAGE_DIR = {"egnn": "egnn", "egnn.kernels": "kernels", "egnn.comm": "comm"}
-PACKAGES = ["egnn", "egnn.nn", "egnn.cli", "egnn.io", "egnn.partition", "egnn.pretrained", "egnn.kernels", "egnn.comm"]
+PACKAGES = ["egnn", "egnn.nn", "egnn.cli", "egnn.io", "egnn.partition", "egnn.kernels", "egnn.comm"]
 
 
 def _existing(pkgs):

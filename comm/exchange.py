@@ -24,6 +24,18 @@ __all__ = ["HaloExchange", "halo_exchange", "TorchBackend", "CupyBackend", "make
 BACKENDS = ("torch", "cupy")
 
 
+def _wait_timeout():
+    """EGNN_DIST_TIMEOUT (seconds, default 300): how long one exchange may wait for its peers."""
+    import datetime
+    import os
+
+    try:
+        return datetime.timedelta(seconds=float(os.environ.get("EGNN_DIST_TIMEOUT", "300")))
+    except ValueError:
+        raise DistributedError(f"EGNN_DIST_TIMEOUT must be a number of seconds, got "
+                               f"{os.environ['EGNN_DIST_TIMEOUT']!r}") from None
+
+
 class TorchBackend:
     """torch.distributed point-to-point; peers are ranks of `group` (default: the world)."""
 
@@ -56,8 +68,14 @@ class TorchBackend:
         ops += [dist.P2POp(dist.irecv, t, self._peer(q), self.group) for q, t in recvs if t.numel()]
         if not ops:  # batch_isend_irecv rejects an empty list (a rank without neighbours)
             return
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        try:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait(_wait_timeout())  # a receive from a dead peer must not wait forever
+        except (RuntimeError, TimeoutError) as exc:  # gloo/NCCL report a dead peer as RuntimeError
+            peers = sorted({q for q, t in sends + recvs if t.numel()})
+            raise DistributedError(f"halo exchange with ranks {peers} failed or timed out ({str(exc)[:200]}); a "
+                                   "rank died or is stuck elsewhere: check the other ranks' logs (the timeout is "
+                                   "EGNN_DIST_TIMEOUT)") from None
 
 
 class CupyBackend:

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -46,9 +47,11 @@ from . import blocks as B
 from .basis import OrbitalBasis
 from .errors import InputError
 
-__all__ = ["convert", "Dataset", "Sample", "info", "FORMAT", "VERSION", "read_structure"]
+__all__ = ["convert", "Dataset", "Sample", "info", "verify", "is_dataset", "check_output", "FORMAT", "VERSION",
+           "read_structure", "CONVERTER"]
 
 FORMAT, VERSION = "egnn-dataset", 1
+CONVERTER = "2"  # bump when convert() changes its output for the same inputs: cached conversions go stale
 log = logging.getLogger("egnn")
 
 
@@ -90,18 +93,90 @@ def _pack(prefix, ex, arrays):
 def convert(sources, out: str, r_cut: float = 12.0, basis_file=None, overlap: bool = True,
             force: bool = False, progress: bool = False) -> dict:
     """Convert run folders / npz files into a dataset folder `out`; returns the manifest."""
-    from .graph import radius_graph
-
     sources = list(sources)
     if not sources:
         raise InputError("egnn data convert: give at least one run folder")
-    if os.path.exists(out) and not force:
-        raise InputError(f"{out} exists; choose another output or pass --force to replace it")
+    check_output(out, sources, force)
     structures = [read_structure(p, basis_file) for p in _progress(sources, progress, "read")]
     basis = _union_basis(s.basis for s in structures)
-    tmp = out.rstrip("/") + ".part"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".part", dir=parent)
+    try:
+        manifest = _write_structures(tmp, sources, structures, basis, r_cut, overlap)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    with open(os.path.join(tmp, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh, indent=1)
+    old = None
+    if os.path.exists(out):  # an egnn dataset (check_output): set aside until the new one is in place
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".old", dir=parent)
+        os.replace(out, os.path.join(old, "dataset"))
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old)
+    return manifest
+
+
+def is_dataset(path: str) -> bool:
+    """True for a folder egnn wrote: its manifest.json parses and names egnn's format."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as fh:
+            return json.load(fh).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output(out: str, sources, force: bool) -> None:
+    """Refuse, before any work, an output that would destroy something: an input (or a folder that
+    holds one, or one inside an input), the working or home directory, an existing folder egnn did
+    not write (--force replaces only egnn datasets), a file, or an unwritable place."""
+    o = os.path.realpath(out)
+    for src in sources:
+        r = os.path.realpath(src)
+        if o == r or r.startswith(o + os.sep) or o.startswith(r + os.sep):
+            raise InputError(f"-o {out}: the output {'is' if o == r else 'overlaps'} the input {src}; converting "
+                             "would overwrite the source data. Choose an output folder outside the inputs")
+    if o in (os.path.realpath(os.getcwd()), os.path.realpath(os.path.expanduser("~")), os.path.sep):
+        raise InputError(f"-o {out}: is the working, home or root directory; name a new folder for the dataset")
+    if os.path.exists(o):
+        if not os.path.isdir(o):
+            raise InputError(f"-o {out}: exists and is a file; choose another output")
+        if not force:
+            raise InputError(f"{out} exists; choose another output or pass --force to replace it")
+        if not is_dataset(o):
+            raise InputError(f"-o {out}: --force replaces only a dataset folder egnn wrote (one with egnn's "
+                             "manifest.json); this folder is not one, so it is left alone. Choose another output")
+    parent = os.path.dirname(o)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"-o {out}: cannot create it in {parent} (not a writable folder)")
+
+
+def verify(path: str) -> dict:
+    """The manifest of a dataset whose every structure file is a complete npz (CRC-checked);
+    InputError naming the first damaged file otherwise."""
+    import zipfile
+
+    m = read_manifest(path)
+    for e in m["structures"]:
+        f = os.path.join(path, e["file"])
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{f}: damaged dataset file ({exc}); re-run `egnn data convert`") from None
+        if bad is not None:
+            raise InputError(f"{f}: damaged dataset file (member {bad} fails its CRC); re-run `egnn data convert`")
+    return m
+
+
+def _write_structures(tmp, sources, structures, basis, r_cut, overlap) -> dict:
+    """One npz per structure into tmp; returns the manifest."""
+    from .graph import radius_graph
+
     entries = []
     pairs = [(a, b) for a in basis.elements for b in basis.elements]
     for k, (src, s) in enumerate(zip(sources, structures)):
@@ -117,6 +192,9 @@ def convert(sources, out: str, r_cut: float = 12.0, basis_file=None, overlap: bo
             _pack("s_", B.extract(s.S, g, basis, s.gamma_only, mode=ex["mode"] if s.gamma_only else None), arrays)
         fname = f"s{k:05d}.npz"
         np.savez(os.path.join(tmp, fname), **arrays)
+        if not (np.isfinite(cov["frobenius"]) and np.isfinite(cov["nonzeros"])):
+            raise InputError(f"{src}: the coverage of H by the graph is not finite; the matrices hold "
+                             "non-finite or absurd values")
         entries.append({"file": fname, "source": os.path.abspath(src), "atoms": len(s.atoms),
                         "orbitals": s.n_orbitals, "edges": g.num_edges, "mode": ex["mode"],
                         "gamma_only": s.gamma_only, "coverage": cov})
@@ -130,11 +208,6 @@ def convert(sources, out: str, r_cut: float = 12.0, basis_file=None, overlap: bo
         "coverage": {"min_frobenius": min(e["coverage"]["frobenius"] for e in entries),
                      "min_nonzeros": min(e["coverage"]["nonzeros"] for e in entries)},
     }
-    with open(os.path.join(tmp, "manifest.json"), "w") as fh:
-        json.dump(manifest, fh, indent=1)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return manifest
 
 
@@ -225,10 +298,13 @@ class Dataset:
 
         entry = self.manifest["structures"][i]
         f = os.path.join(self.path, entry["file"])
+        import zipfile
+
         try:
             z = dict(np.load(f, allow_pickle=False))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{f}: cannot read ({exc}); re-run `egnn data convert`") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{f}: cannot read ({type(exc).__name__}: {exc}); the dataset is damaged, re-run "
+                             "`egnn data convert`") from None
         pos, cell, pbc = z["positions"], z["cell"], z["pbc"]
         src, dst, shift = z["src"].astype(np.int64), z["dst"].astype(np.int64), z["shift"].astype(np.int64)
         vec = pos[src] + shift @ cell - pos[dst]
@@ -260,8 +336,8 @@ class Dataset:
 
 
 def info(path: str) -> dict:
-    """Summary of a dataset: structures, atoms, orbitals, edges, modes, coverage."""
-    m = read_manifest(path)
+    """Summary of a dataset (verified: every structure file is read and CRC-checked)."""
+    m = verify(path)
     st = m["structures"]
     modes = {}
     for e in st:

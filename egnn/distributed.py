@@ -8,8 +8,11 @@ gather. Node outputs are valid on owned rows, edge outputs on all local edges.
 Training: the loss is the global L1 + L2 loss (the sums of each rank's rows, all-reduced, over the
 global element count); every rank back-propagates its own share and the parameter gradients are
 summed with one all-reduce at the end of backward, so each rank takes the single-process step.
-Inference: `predict_distributed` gathers every rank's owned rows on rank 0 (the one place that
-writes the files); nothing else differs from the single-process `egnn predict`.
+Inference: `output_chunks` gives each rank the outputs of the rows it owns, chunk by chunk, with
+the outputs of their edges' reverse edges (needed to symmetrise H; the ones another rank computes
+arrive in one point-to-point exchange), so `egnn predict` under torchrun writes every rank's own
+rows and no rank holds the whole H. `predict_distributed` gathers the raw outputs on one rank (tests,
+small structures).
 
 Environment: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun sets them;
 EGNN_DIST_TIMEOUT (seconds, default 300) bounds every rendezvous and collective, so a missing rank
@@ -33,7 +36,8 @@ from .errors import ConfigError, DistributedError
 from .train import Sample, Trainer, fold_edges
 
 __all__ = ["DistInfo", "init_distributed", "world", "local_inputs", "local_sample", "check_plans",
-           "partition_sample", "DistributedTrainer", "predict_distributed", "timing_report", "ProfilerWindow",
+           "partition_sample", "DistributedTrainer", "predict_distributed", "output_chunks", "timing_report",
+           "ProfilerWindow",
            "PARTITION_KEYS"]
 
 PARTITION_KEYS = {"method", "cache", "backend"}
@@ -428,3 +432,82 @@ def predict_distributed(model, graph, parts, species=None, *, group=None, backen
         full_node[torch.as_tensor(pr.owned, device=device)] = n_r
         full_edge[torch.as_tensor(pr.edges, device=device)] = e_r
     return full_node, full_edge
+
+
+@torch.no_grad()
+def output_chunks(model, graph, parts, edge_chunk: int, *, group=None, backend="torch", device=None, dtype=None,
+                  progress: bool = False):
+    """This rank's share of egnn.predict.output_chunks: `Chunk`s of the atoms it owns (global ids),
+    their node outputs, their incoming edges' outputs and the outputs of those edges' reverses.
+    A reverse edge (d -> s, -R) belongs to the owner of s; the outputs this rank needs from others
+    (its edges with a remote src) come in one exchange, in ascending global edge id on both sides."""
+    from .predict import Chunk
+
+    rank, size = world(group)
+    parts = np.asarray(parts)
+    plan = HaloPlan.build(graph, parts, rank, size)
+    p0 = next(model.parameters())
+    device = device or p0.device
+    dtype = dtype or p0.dtype
+    species = model.basis.species_index(graph.numbers)
+    vec = torch.as_tensor(np.asarray(graph.vec), dtype=dtype)
+    sp, src, dstl, v = local_inputs(plan, torch.as_tensor(np.asarray(species), dtype=torch.long), vec, device)
+    ex = HaloExchange(plan, backend, group)
+    if size > 1:
+        check_plans(plan, group)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(model.layers) * max(1, -(-len(plan.edges) // edge_chunk)), unit="chunk", leave=False,
+                   desc="[egnn predict] layers x chunks (rank 0)")
+    enc = model.encode(sp, src, dstl, v, edge_chunk, exchange=ex, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    g_edges = plan.edges
+    rev_g = graph.reverse()[g_edges]
+    owner = parts[graph.src[g_edges]]  # owner of each edge's src = owner of its reverse edge
+    local_rev = np.full(len(g_edges), -1, np.int64)
+    mine = owner == rank
+    local_rev[mine] = np.searchsorted(g_edges, rev_g[mine])
+    remote_pos = np.full(len(g_edges), -1, np.int64)
+    peers = [int(q) for q in np.unique(owner) if q != rank]
+    sends, recvs, n_remote = {}, {}, 0
+    for q in peers:
+        sends[q] = np.flatnonzero(owner == q)  # our edges with src on q: q's reverses, ascending global id
+        k = np.flatnonzero(owner == q)
+        k = k[np.argsort(rev_g[k], kind="stable")]  # q sends them in ascending global id of its edges
+        remote_pos[k] = np.arange(n_remote, n_remote + len(k))
+        recvs[q] = (n_remote, len(k))
+        n_remote += len(k)
+    G, we = model.L_max, max(model.edge_counts)
+    remote = torch.empty((n_remote, (G + 1) ** 2, we), dtype=dtype, device=device)
+    send_bufs, reqs = [], []
+    peer = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+    for q in peers:
+        idx = torch.as_tensor(sends[q], device=device)
+        buf = torch.empty((len(idx), (G + 1) ** 2, we), dtype=dtype, device=device)
+        for a in range(0, len(idx), edge_chunk):  # chunk by chunk: no transient of all boundary edges at once
+            buf[a:a + edge_chunk] = model.edge_outputs(enc, idx[a:a + edge_chunk])
+        send_bufs.append(buf)
+        a, n = recvs[q]
+        reqs.append(_collective(lambda q=q, buf=buf: dist.isend(buf, peer(q), group=group), "sending reverse edges"))
+        reqs.append(_collective(lambda q=q, a=a, n=n: dist.irecv(remote[a:a + n], peer(q), group=group),
+                                "receiving reverse edges"))
+    for r in reqs:
+        _collective(r.wait, "exchanging the outputs of reverse edges")
+    del send_bufs
+    local_rev_t = torch.as_tensor(local_rev, device=device)
+    remote_pos_t = torch.as_tensor(remote_pos, device=device)
+    for oc in model.decode(enc):
+        hi = min(oc.hi, plan.num_owned)  # the last chunk also spans the halo rows: not ours
+        if hi <= oc.lo and oc.b <= oc.a:
+            continue
+        lr = local_rev_t[oc.a:oc.b]
+        rev_out = oc.edge.new_empty(oc.edge.shape)
+        here = lr >= 0
+        if bool(here.any()):
+            rev_out[here] = model.edge_outputs(enc, lr[here])
+        if bool((~here).any()):
+            rev_out[~here] = remote[remote_pos_t[oc.a:oc.b][~here]]
+        yield Chunk(plan.owned[oc.lo:hi], oc.node[:max(hi - oc.lo, 0)], g_edges[oc.a:oc.b], oc.edge, rev_out)

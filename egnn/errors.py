@@ -21,6 +21,10 @@ class DistributedError(EgnnError, RuntimeError):
     """A world or plan that does not match."""
 
 
+class TrainingError(EgnnError, RuntimeError):
+    """Training that cannot go on (a non-finite loss): the message says where and what to change."""
+
+
 class KernelError(EgnnError, RuntimeError):
     """A Triton kernel that cannot run the call it was forced to (backend="triton")."""
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["AtomGraph", "radius_graph", "check_structure"]
+__all__ = ["AtomGraph", "radius_graph", "check_structure", "check_geometry"]
 
 
 @dataclass
@@ -50,17 +50,18 @@ class AtomGraph:
         return np.concatenate([[0], np.cumsum(self.degree)]).astype(np.int64)
 
     def reverse(self) -> np.ndarray:
-        """Index of the reverse edge (d, s, -R) of every edge (always present in a radius graph)."""
-        key = _edge_keys(self.src, self.dst, self.shift)
-        rkey = _edge_keys(self.dst, self.src, -self.shift)
-        order = np.argsort(key)
-        pos = np.searchsorted(key[order], rkey)
-        return order[pos]
-
-
-def _edge_keys(a, b, shift) -> np.ndarray:
-    s = shift + 512  # shifts stay far below ±512 cells
-    return ((a.astype(np.int64) * (1 << 21) + b) * 1024 + s[:, 0]) * (1 << 20) + s[:, 1] * 1024 + s[:, 2]
+        """rev[k]: the index of edge k's reverse (src = dst[k], dst = src[k], shift = −shift[k]). A
+        radius graph holds one for every edge; anything else is an InputError."""
+        sh = self.shift
+        fwd = np.lexsort((sh[:, 2], sh[:, 1], sh[:, 0], self.dst, self.src))  # edges by (src, dst, R)
+        bwd = np.lexsort((-sh[:, 2], -sh[:, 1], -sh[:, 0], self.src, self.dst))  # edges by their reverse's key
+        rev = np.empty(len(fwd), np.int64)
+        rev[bwd] = fwd
+        if not (np.array_equal(self.src[rev], self.dst) and np.array_equal(self.dst[rev], self.src)
+                and np.array_equal(sh[rev], -sh)):
+            raise InputError("graph: some edges have no reverse edge (d, s, -R); build it with radius_graph "
+                             "(full neighbour list)")
+        return rev
 
 
 def check_structure(positions, cell, pbc, where: str = "structure") -> None:
@@ -82,6 +83,45 @@ def check_structure(positions, cell, pbc, where: str = "structure") -> None:
         raise InputError(f"{where}: the periodic cell has zero volume; check the cell vectors")
 
 
+MAX_SHIFT = 1023  # cell shifts are packed in ±1024 per axis (egnn.blocks._shift_keys)
+MAX_COORD = 1e6  # Å: beyond this float64 positions lose the precision edges need
+MAX_IMAGES = 200_000  # periodic images within r_cut that a sane cell needs
+
+
+def check_geometry(positions, cell, pbc, r_cut: float, where: str = "structure") -> None:
+    """check_structure, and what would make the neighbour list wrong or endless: coordinates so large
+    that float64 loses sub-Å precision, a nearly flat periodic cell (millions of images within
+    r_cut), and atoms so many cells away that their shifts leave the packed range."""
+    check_structure(positions, cell, pbc, where)
+    positions = np.asarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    far = float(np.abs(positions).max())
+    if far > MAX_COORD:
+        raise InputError(f"{where}: a coordinate of {far:.3g} Å; float64 loses the precision edges need that far "
+                         "from the origin. Move the structure near the origin (or wrap it into its cell: "
+                         "ase's atoms.wrap())")
+    if not pbc.any():
+        return
+    if not pbc.all():
+        return  # open axes take no images; check_structure covered the periodic cell vectors
+    vol = abs(np.linalg.det(cell))
+    heights = vol / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    images = np.prod(2 * np.ceil(r_cut / np.maximum(heights, 1e-300)) + 1)
+    if images > MAX_IMAGES:
+        d = int(np.argmin(heights))
+        raise InputError(f"{where}: the cell is nearly flat (its height across axis {'abc'[d]} is {heights[d]:.3g} Å, "
+                         f"volume {vol:.3g} Å³): r_cut {r_cut:g} Å would reach {images:.3g} periodic images. Check "
+                         "the cell vectors")
+    frac = positions @ np.linalg.inv(cell)
+    reach = np.ceil(r_cut / heights)
+    worst = np.abs(frac).max(axis=0) + reach
+    if (worst > MAX_SHIFT).any():
+        k = int(np.argmax(np.abs(frac).max(axis=1)))
+        raise InputError(f"{where}: atom {k + 1} lies {np.abs(frac[k]).max():.0f} cells from the cell; cell shifts "
+                         f"beyond ±{MAX_SHIFT} cannot be stored. Wrap the positions into the cell (ase: atoms.wrap())")
+
+
 def radius_graph(atoms, r_cut: float, self_loops: bool = False) -> AtomGraph:
     """All directed edges with |r| <= r_cut over periodic images, sorted by dst (stable: within one
     dst, vesin's deterministic order).
@@ -96,7 +136,7 @@ def radius_graph(atoms, r_cut: float, self_loops: bool = False) -> AtomGraph:
     positions = np.ascontiguousarray(atoms.get_positions(), dtype=np.float64)
     cell = np.asarray(atoms.get_cell().array, dtype=np.float64)
     pbc = np.asarray(atoms.get_pbc(), dtype=bool)
-    check_structure(positions, cell, pbc)
+    check_geometry(positions, cell, pbc, r_cut)
     box = cell.copy()
     if not pbc.all():  # vesin wants a box even on open axes; it ignores it there
         for d in np.flatnonzero(~pbc):

@@ -20,7 +20,7 @@ from .nn import (EdgeRotation, EquivariantLayerNorm, FeedForward, GaussianRBF, I
 from .nn.fused import FusedInteractionLayer
 from .nn.reference import TwoCentreReference
 
-__all__ = ["ModelConfig", "HamiltonianModel", "OutputHead"]
+__all__ = ["ModelConfig", "HamiltonianModel", "OutputHead", "Encoded", "OutputChunk", "edge_chunks"]
 
 ONSITE_MODES = ("node", "node+edges")
 REFERENCES = ("none", "two_centre")
@@ -102,6 +102,31 @@ class OutputHead(FeedForward):
         return super().forward(z[:, :(self.L_max + 1) ** 2])
 
 
+@dataclass
+class Encoded:
+    """What `HamiltonianModel.encode` leaves for the output heads (inference)."""
+    species: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    edge_vec: torch.Tensor
+    chunks: list
+    e: torch.Tensor  # edge embeddings after the last layer [E, (lmax+1)², C]
+    xn: torch.Tensor  # normalised node embeddings [N, (lmax+1)², C]
+    xe: torch.Tensor  # the same after the halo exchange (what edges gather)
+    seen: list  # node embeddings before each layer (node_head_input "all")
+
+
+@dataclass
+class OutputChunk:
+    """Node outputs of atoms lo..hi-1 and edge outputs of edges a..b-1 (their incoming edges)."""
+    lo: int
+    hi: int
+    node: torch.Tensor
+    a: int
+    b: int
+    edge: torch.Tensor
+
+
 def edge_chunks(dst: torch.Tensor, size: int) -> list[tuple[int, int]]:
     """Edge ranges of about `size` edges that start and end on destination boundaries."""
     E = len(dst)
@@ -162,18 +187,28 @@ class HamiltonianModel(nn.Module):
     def basis(self) -> OrbitalBasis:
         return self.config.basis
 
-    def embed(self, species, src, dst, edge_vec):
-        """Initial node and edge embeddings ([N|E, (lmax+1)^2, C], only the L = 0 row non-zero)."""
+    def embed(self, species, src, dst, edge_vec, chunks=None):
+        """Initial node and edge embeddings ([N|E, (lmax+1)^2, C], only the L = 0 row non-zero) and
+        (rbf, envelope). With `chunks` (inference) the edge embedding is filled range by range and
+        rbf/envelope are not kept (returned as None): no [E, num_rbf] temporary."""
         K, C = (self.config.lmax + 1) ** 2, self.config.channels
-        x0 = self.node_embed(species)
-        dist = edge_vec.norm(dim=-1)
-        rbf = self.rbf(dist)
-        envelope = cosine_envelope(dist, self.config.r_cut)
-        e0 = (self.edge_radial(rbf) + self.edge_src_embed(species.index_select(0, src))
-              + self.edge_dst_embed(species.index_select(0, dst))) * envelope.unsqueeze(-1)
-        x = torch.cat([x0.unsqueeze(1), x0.new_zeros(len(species), K - 1, C)], dim=1)
-        e = torch.cat([e0.unsqueeze(1), e0.new_zeros(len(dist), K - 1, C)], dim=1)
-        return x, e, rbf, envelope
+        x = torch.nn.functional.pad(self.node_embed(species).unsqueeze(1), (0, 0, 0, K - 1))
+
+        def e0_of(a, b):
+            dist = edge_vec[a:b].norm(dim=-1)
+            rbf = self.rbf(dist)
+            envelope = cosine_envelope(dist, self.config.r_cut)
+            e0 = (self.edge_radial(rbf) + self.edge_src_embed(species.index_select(0, src[a:b]))
+                  + self.edge_dst_embed(species.index_select(0, dst[a:b]))) * envelope.unsqueeze(-1)
+            return e0, rbf, envelope
+
+        if chunks is None:
+            e0, rbf, envelope = e0_of(0, len(src))
+            return x, torch.nn.functional.pad(e0.unsqueeze(1), (0, 0, 0, K - 1)), rbf, envelope
+        e = x.new_zeros((len(src), K, C))
+        for a, b in chunks:
+            e[a:b, 0] = e0_of(a, b)[0]
+        return x, e, None, None
 
     def forward(self, species: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, edge_vec: torch.Tensor,
                 exchange=None, edge_chunk: int | None = None):
@@ -182,34 +217,16 @@ class HamiltonianModel(nn.Module):
         edge_out [E, (L+1)^2, Ce]). `exchange(x)` refreshes halo rows (distributed runs).
 
         `edge_chunk` (inference only): build messages for about this many edges at a time, so memory
-        holds the node and edge embeddings but no per-edge intermediates of the whole graph."""
+        holds the node and edge embeddings but no per-edge intermediates of the whole graph (see
+        `encode` / `decode` for outputs streamed chunk by chunk)."""
         self._check(species, src, dst, edge_vec)
+        if edge_chunk and not torch.is_grad_enabled():
+            enc = self.encode(species, src, dst, edge_vec, edge_chunk, exchange)
+            parts = list(self.decode(enc))
+            return torch.cat([p.node for p in parts]), torch.cat([p.edge for p in parts])
         exchange = exchange or (lambda t: t)
         x, e, rbf, envelope = self.embed(species, src, dst, edge_vec)
         seen = []  # node embeddings after each layer but the last, for node_head_input "all"
-        if edge_chunk and not torch.is_grad_enabled():
-            chunks = edge_chunks(dst, edge_chunk)
-            del rbf, envelope
-            for layer in self.layers:
-                seen.append(x)
-                x, e = layer.forward_chunked(x, e, src, dst, self.rotation, chunks,
-                                             lambda a, b: self.edge_features(edge_vec[a:b]), exchange)
-            xn = self.node_norm(x)
-            xe = exchange(xn)
-            node = self._node_out(xn, seen)
-            edge = []
-            node_ref = None
-            for a, b in chunks or [(0, 0)]:
-                dist = edge_vec[a:b].norm(dim=-1)
-                z = self._edge_input(e[a:b], xe, src[a:b], dst[a:b])
-                edge.append(self._edge_out(z, self.rbf(dist)))
-                self._add_onsite(node, z, dst[a:b], cosine_envelope(dist, self.config.r_cut))
-                if self.reference is not None:
-                    nr, er = self.reference(species, src[a:b], dst[a:b], edge_vec[a:b], with_bias=a == 0)
-                    edge[-1] += er.to(edge[-1].dtype)
-                    node_ref = nr if node_ref is None else node_ref.add_(nr)
-            node = self._node_stats(node, species)
-            return (node if node_ref is None else node + node_ref.to(node.dtype)), torch.cat(edge)
         D = self.rotation.wigner(edge_vec)
         for layer in self.layers:
             seen.append(x)
@@ -223,6 +240,55 @@ class HamiltonianModel(nn.Module):
             return node, edge
         node_ref, edge_ref = self.reference(species, src, dst, edge_vec)
         return node + node_ref.to(node.dtype), edge + edge_ref.to(edge.dtype)
+
+    @torch.no_grad()
+    def encode(self, species, src, dst, edge_vec, edge_chunk: int, exchange=None, progress=None) -> "Encoded":
+        """Inference through every layer, `edge_chunk` edges at a time (destination-aligned ranges):
+        the final embeddings the output heads read. `progress(n)` is called after each chunk."""
+        exchange = exchange or (lambda t: t)
+        chunks = edge_chunks(dst, edge_chunk)
+        x, e, _, _ = self.embed(species, src, dst, edge_vec, chunks)
+        seen = []
+        for layer in self.layers:
+            seen.append(x)
+            x, e = layer.forward_chunked(x, e, src, dst, self.rotation, chunks,
+                                         lambda a, b: self.edge_features(edge_vec[a:b]), exchange, progress)
+        xn = self.node_norm(x)
+        return Encoded(species, src, dst, edge_vec, chunks, e, xn, exchange(xn), seen)
+
+    @torch.no_grad()
+    def decode(self, enc: "Encoded"):
+        """Outputs chunk by chunk: each `OutputChunk` completes the rows of the atoms lo..hi-1 (the
+        destinations of its edges, plus atoms without incoming edges before them): their node
+        outputs and the outputs of all their incoming edges."""
+        N = len(enc.species)
+        lo = 0
+        chunks = enc.chunks or [(0, 0)]
+        for k, (a, b) in enumerate(chunks):
+            hi = N if k == len(chunks) - 1 else int(enc.dst[b - 1]) + 1
+            node = self._node_out(enc.xn[lo:hi], [s[lo:hi] for s in enc.seen])
+            edge = self.edge_outputs(enc, a, b)
+            if self.onsite_head is not None:
+                z = self._edge_input(enc.e[a:b], enc.xe, enc.src[a:b], enc.dst[a:b])
+                env = cosine_envelope(enc.edge_vec[a:b].norm(dim=-1), self.config.r_cut)
+                node = self._add_onsite(node, z, enc.dst[a:b] - lo, env)
+            node = self._node_stats(node, enc.species[lo:hi])
+            if self.reference is not None:
+                node_ref, _ = self.reference(enc.species, enc.src[a:b], enc.dst[a:b], enc.edge_vec[a:b],
+                                             nodes=(lo, hi), edges=False)
+                node = node + node_ref.to(node.dtype)
+            yield OutputChunk(lo, hi, node, a, b, edge)
+            lo = hi
+
+    @torch.no_grad()
+    def edge_outputs(self, enc: "Encoded", a, b=None):
+        """Coupled outputs of the edges a:b (or of the edge index tensor `a`)."""
+        idx = slice(a, b) if b is not None else a
+        e, src, dst, vec = enc.e[idx], enc.src[idx], enc.dst[idx], enc.edge_vec[idx]
+        edge = self._edge_out(self._edge_input(e, enc.xe, src, dst), self.rbf(vec.norm(dim=-1)))
+        if self.reference is None:
+            return edge
+        return edge + self.reference.edge(enc.species, src, dst, vec).to(edge.dtype)
 
     def _node_out(self, xn, seen):
         """The node head on the final normalised embedding (and, for node_head_input "all", on the

@@ -12,13 +12,15 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .errors import ConfigError, warn_once
+from . import checkpoint
+from .errors import ConfigError, TrainingError, warn_once
 from .model import HamiltonianModel, ModelConfig
 
 __all__ = ["Sample", "TrainConfig", "collate", "masked_loss", "fit_output_stats", "Trainer", "load_config"]
@@ -168,8 +170,71 @@ class TrainConfig:
         return float(self.data["r_cut"])
 
 
+# train.<key>: (kind, check, what it must be); kinds "int", "float", "str", "bool"; None passes where allowed
+_TRAIN_SCHEMA = {
+    "epochs": ("int", lambda v: v >= 1, "a positive integer"),
+    "lr": ("float", lambda v: v > 0, "a number > 0"),
+    "weight_decay": ("float", lambda v: v >= 0, "a number >= 0"),
+    "batch_size": ("int", lambda v: v >= 1, "a positive integer"),
+    "amp": ("str", lambda v: v in ("off", "bf16", "fp16"), "off, bf16 or fp16"),
+    "seed": ("int", lambda v: True, "an integer"),
+    "checkpoint_every": ("int", lambda v: v >= 1, "a positive integer"),
+    "lr_factor": ("float", lambda v: 0 < v < 1, "a number between 0 and 1"),
+    "lr_patience": ("int", lambda v: v >= 0, "an integer >= 0"),
+    "min_lr": ("float", lambda v: v >= 0, "a number >= 0"),
+    "l1": ("float", lambda v: v >= 0, "a number >= 0"),
+    "l2": ("float", lambda v: v >= 0, "a number >= 0"),
+    "grad_clip": ("float", lambda v: v > 0, "a number > 0"),
+    "max_minutes": ("float?", lambda v: v > 0, "a number of minutes > 0, or null"),
+    "device": ("str", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
+    "node_weight": ("float", lambda v: v >= 0, "a number >= 0"),
+}
+
+
+def _typed(value, kind: str, where: str, key: str, what: str):
+    """value as `kind`; YAML reads 1e-3 as a string, so numeric strings are taken as numbers."""
+    if kind.endswith("?") and value is None:
+        return None
+    kind = kind.rstrip("?")
+    bad = ConfigError(f"{where}: {key} must be {what}, got {value!r}")
+    if value is None or isinstance(value, (list, dict)):
+        raise bad
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise bad from None
+    if not math.isfinite(float(value)):
+        raise bad
+    if kind == "int":
+        if float(value) != int(value):
+            raise bad
+        return int(value)
+    return float(value)
+
+
+def _section(raw, key, where) -> dict:
+    val = raw.get(key)
+    if val is None:
+        return {}
+    if not isinstance(val, dict):
+        raise ConfigError(f"{where}: the '{key}' section must be a mapping of keys, got {type(val).__name__} {val!r}")
+    return dict(val)
+
+
 def load_config(path_or_dict, base_dir: str | None = None) -> TrainConfig:
-    """Read and validate a YAML training config; every problem is a ConfigError naming the key."""
+    """Read and validate a YAML training config before any work: every problem is a ConfigError that
+    names the key and what it must be."""
     import yaml
 
     if isinstance(path_or_dict, dict):
@@ -191,43 +256,56 @@ def load_config(path_or_dict, base_dir: str | None = None) -> TrainConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     for key in ("data", "output"):
-        if key not in raw:
+        if raw.get(key) is None:
             raise ConfigError(f"{where}: missing required key '{key}'")
-    data = dict(raw["data"] or {})
+    data = _section(raw, "data", where)
     unknown = set(data) - DATA_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) data.{sorted(unknown)}; allowed: {sorted(DATA_KEYS)}")
-    if "train" not in data or not data["train"]:
+    if not data.get("train"):
         raise ConfigError(f"{where}: data.train must list CP2K run folders or converted datasets")
-    r_cut = data.setdefault("r_cut", 8.0)
-    if not isinstance(r_cut, (int, float)) or r_cut <= 0:
-        raise ConfigError(f"{where}: data.r_cut must be a positive number of Å, got {r_cut!r}")
+    data["r_cut"] = _typed(data.get("r_cut", 8.0), "float", where, "data.r_cut", "a positive number of Å")
+    if not data["r_cut"] > 0:
+        raise ConfigError(f"{where}: data.r_cut must be a positive number of Å, got {data['r_cut']!r}")
     for split in ("train", "val"):
         paths = data.get(split) or []
-        paths = [paths] if isinstance(paths, str) else list(paths)
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ConfigError(f"{where}: data.{split} must be a path or a list of paths, got {paths!r}")
         data[split] = [_resolve(p, base_dir, where, f"data.{split}") for p in paths]
-    model = dict(raw.get("model") or {})
+    model = _section(raw, "model", where)
     allowed_model = {f.name for f in dataclasses.fields(ModelConfig)} - {"basis", "r_cut"}
     unknown = set(model) - allowed_model
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) model.{sorted(unknown)}; allowed: {sorted(allowed_model)}")
-    train = dict(TRAIN_DEFAULTS)
-    given = dict(raw.get("train") or {})
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in model:
+            kind = {int: "int", bool: "bool", str: "str", float: "float"}.get(type(f.default))
+            if kind:
+                model[f.name] = _typed(model[f.name], kind, where, f"model.{f.name}", f"a {kind} value")
+    given = _section(raw, "train", where)
     unknown = set(given) - set(TRAIN_DEFAULTS)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) train.{sorted(unknown)}; allowed: {sorted(TRAIN_DEFAULTS)}")
-    train.update(given)
-    if train["amp"] not in ("off", "bf16", "fp16"):
-        raise ConfigError(f"{where}: train.amp must be off, bf16 or fp16, got {train['amp']!r}")
-    for key in ("epochs", "batch_size", "checkpoint_every"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ConfigError(f"{where}: train.{key} must be a positive integer, got {train[key]!r}")
-    if not float(train["lr"]) > 0:
-        raise ConfigError(f"{where}: train.lr must be > 0")
+    train = dict(TRAIN_DEFAULTS)
+    for key, value in given.items():
+        kind, ok, what = _TRAIN_SCHEMA[key]
+        value = _typed(value, kind, where, f"train.{key}", what)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{where}: train.{key} must be {what}, got {value!r}")
+        train[key] = value
+    if train["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{where}: train.device is {train['device']!r} but this machine has no usable CUDA "
+                          "device; use device: auto (or cpu)")
+    partition = raw.get("partition")
+    if partition is not None and not isinstance(partition, dict):
+        raise ConfigError(f"{where}: the 'partition' section must be a mapping (e.g. {{method: low-nn}}), got "
+                          f"{partition!r}")
     output = raw["output"]
+    if not isinstance(output, str):
+        raise ConfigError(f"{where}: output must be a folder path, got {output!r}")
     output = os.path.normpath(output if os.path.isabs(output) else os.path.join(base_dir, output))
-    return TrainConfig(data=data, model=model, train=train, output=output, partition=raw.get("partition"),
-                       source=where)
+    return TrainConfig(data=data, model=model, train=train, output=output, partition=partition, source=where)
 
 
 def _resolve(path, base_dir, where, key):
@@ -318,6 +396,10 @@ class Trainer:
         batches = self.batches(epoch)
         for b in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
             loss, st = self.compute(b)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"epoch {epoch}, structure(s) {b.name}: the loss is {loss.item()}; training stops "
+                                    f"before this step changes the weights (the checkpoints in {self.output} hold the "
+                                    "last finite ones). Lower train.lr, check the data, or turn off train.amp")
             self.opt.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.scale(loss).backward()
@@ -353,6 +435,9 @@ class Trainer:
 
     def fit(self, epochs: int | None = None, progress: bool = True) -> dict:
         epochs = epochs or self.cfg["epochs"]
+        if self.epoch >= epochs:
+            raise ConfigError(f"the run is at epoch {self.epoch} already; ask for more epochs (train.epochs or "
+                              f"--epochs > {self.epoch}) to continue it")
         t_start = time.time()
         metrics_path = os.path.join(self.output, "metrics.jsonl")
         last = {}
@@ -361,6 +446,9 @@ class Trainer:
             epoch = self.epoch + 1
             tr = self.train_epoch(epoch, progress)
             va = self.evaluate(self.val_set) if self.val_set else tr
+            if not math.isfinite(va["loss"]):
+                raise TrainingError(f"epoch {epoch}: the validation loss is {va['loss']}; training stops without "
+                                    "saving these weights. Lower train.lr or check the validation data")
             self.sched.step(va["loss"])
             self.epoch = epoch
             last = {"epoch": epoch, "train_loss": tr["loss"], "val_loss": va["loss"],
@@ -393,9 +481,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)  # never a half-written checkpoint
+        checkpoint.save(path, self.state())  # plain data, temp-then-rename: never half-written
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path)
@@ -415,27 +501,12 @@ def _maes(st: dict) -> dict:
 
 
 def load_checkpoint(path: str) -> dict:
-    from .errors import InputError
-    from .pretrained import resolve
-
-    path = resolve(path)  # "pretrained:NAME" -> the checkpoint shipped in egnn/pretrained/
-
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise InputError(f"{path}: not a readable egnn checkpoint ({exc})") from None
-    if not isinstance(ck, dict) or ck.get("format") != "egnn-checkpoint-1":
-        raise InputError(f"{path}: not an egnn checkpoint (no 'format: egnn-checkpoint-1')")
-    return ck
+    """egnn.checkpoint.load (weights only: never runs code from the file)."""
+    return checkpoint.load(path)
 
 
 def model_from_checkpoint(path: str) -> HamiltonianModel:
-    ck = load_checkpoint(path)
-    model = HamiltonianModel(ModelConfig.from_dict(ck["model_config"]))
-    model.load_state_dict(ck["model"])
-    return model.eval()
+    return checkpoint.model_from_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------- data -> samples
@@ -455,9 +526,74 @@ def to_sample(x, dtype=torch.float32, name: str = "") -> Sample:
                   edge_mask=x.edge_mask, **common)
 
 
+def _cache_key(runs: list[str], r_cut: float) -> str:
+    """What a cached conversion depends on: the run folders' files (names, sizes, mtimes), r_cut and
+    the converter's version. Any change of a source file gives another key, hence a fresh conversion."""
+    import hashlib
+
+    from . import __version__
+    from .dataset import CONVERTER, VERSION
+
+    h = hashlib.sha1(json.dumps({"r_cut": r_cut, "egnn": __version__, "converter": CONVERTER, "format": VERSION},
+                                sort_keys=True).encode())
+    for r in runs:
+        h.update(os.path.abspath(r).encode())
+        for name in sorted(os.listdir(r)):
+            st = os.stat(os.path.join(r, name))
+            h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _cached_conversion(runs: list[str], r_cut: float, cache_dir: str):
+    """The converted dataset of `runs` from the cache (converted first if absent, rebuilt with a log
+    line if damaged), under a file lock so concurrent trainings convert once and never collide."""
+    import fcntl
+    import shutil
+
+    from . import dataset as ds_mod
+    from .errors import InputError, warn_once
+
+    os.makedirs(cache_dir, exist_ok=True)
+    target = os.path.join(cache_dir, "dataset-" + _cache_key(runs, r_cut))
+    with open(target + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(target):
+            try:
+                ds_mod.verify(target)
+                return ds_mod.Dataset(target)
+            except InputError as exc:
+                warn_once(f"cache-{target}", f"egnn: the cached conversion {target} is damaged ({exc}); rebuilding it")
+                shutil.rmtree(target)
+        ds_mod.convert(runs, target, r_cut=r_cut, overlap=True)
+        _prune_cache(cache_dir, target, runs, r_cut)
+        return ds_mod.Dataset(target)
+
+
+def _prune_cache(cache_dir: str, keep: str, runs: list[str], r_cut: float) -> None:
+    """Remove cached conversions of the same run folders and r_cut made from older contents."""
+    import shutil
+
+    from . import dataset as ds_mod
+
+    mine = sorted(os.path.abspath(r) for r in runs)
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        if not name.startswith("dataset-") or name.endswith(".lock") or path == keep or not os.path.isdir(path):
+            continue
+        try:
+            m = ds_mod.read_manifest(path)
+        except Exception:  # noqa: BLE001 - an unreadable entry is simply not ours to judge
+            continue
+        if sorted(e["source"] for e in m["structures"]) == mine and abs(m["r_cut"] - r_cut) < 1e-12:
+            shutil.rmtree(path, ignore_errors=True)
+            if os.path.exists(path + ".lock"):
+                os.remove(path + ".lock")
+
+
 def open_datasets(paths: list[str], r_cut: float, cache_dir: str, min_coverage: float = 0.99):
     """Each path is a converted dataset (manifest.json) or a CP2K run folder; run folders are converted
-    once into `cache_dir` (reused while sources and r_cut are unchanged). Returns [egnn.dataset.Dataset]."""
+    once into `cache_dir` (keyed on their content, r_cut and the converter version; locked; verified
+    and rebuilt when damaged). Returns [egnn.dataset.Dataset]."""
     from . import dataset as ds_mod
 
     datasets, runs = [], []
@@ -465,19 +601,13 @@ def open_datasets(paths: list[str], r_cut: float, cache_dir: str, min_coverage: 
         (datasets if os.path.isfile(os.path.join(p, "manifest.json")) else runs).append(p)
     out = [ds_mod.Dataset(p) for p in datasets]
     if runs:
-        key = json.dumps({"sources": [os.path.abspath(r) for r in runs], "r_cut": r_cut}, sort_keys=True)
-        import hashlib
-
-        target = os.path.join(cache_dir, "dataset-" + hashlib.sha1(key.encode()).hexdigest()[:12])
-        if not os.path.isfile(os.path.join(target, "manifest.json")):
-            ds_mod.convert(runs, target, r_cut=r_cut, overlap=True, force=True)
-        out.append(ds_mod.Dataset(target))
+        out.append(_cached_conversion(runs, r_cut, cache_dir))
     for d in out:
         if abs(d.r_cut - r_cut) > 1e-9:
             raise ConfigError(f"{d.path}: converted with r_cut {d.r_cut} Å but the config asks data.r_cut {r_cut} Å; "
                               "re-convert, or set data.r_cut to match")
         cov = d.manifest["coverage"]["min_frobenius"]
-        if cov < min_coverage:
+        if not cov >= min_coverage:
             raise ConfigError(f"{d.path}: data.r_cut {r_cut} Å captures only {100 * cov:.2f} % of ‖H‖_F of some "
                               f"structure (need ≥ {100 * min_coverage:.0f} %); raise data.r_cut (CP2K blocks reach "
                               "9-13 Å)")
@@ -497,8 +627,48 @@ def load_samples(datasets, basis, dtype=torch.float32) -> list[Sample]:
     return out
 
 
-def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict:
+TRAIN_OUTPUTS = ("best.pt", "last.pt", "best.pt.tmp", "last.pt.tmp", "metrics.jsonl", "config.json", "timing.json")
+
+
+def _prepare_output(cfg: TrainConfig, resume: str | None, overwrite: bool) -> None:
+    """The output folder: new, or resumed, or (--overwrite) cleared of the files egnn wrote there."""
+    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+        raise ConfigError(f"{cfg.source}: output {cfg.output} exists and is a file; choose another output folder")
+    old = [f for f in TRAIN_OUTPUTS if os.path.exists(os.path.join(cfg.output, f))]
+    if old and not resume:
+        if not overwrite:
+            raise ConfigError(f"{cfg.output} holds an earlier training ({', '.join(old)}); continue it with --resume "
+                              f"{os.path.join(cfg.output, 'last.pt')}, or pass --overwrite to replace egnn's files "
+                              "there, or choose another output")
+        if int(os.environ.get("RANK", "0")) == 0:
+            for f in old:
+                os.remove(os.path.join(cfg.output, f))
+    parent = os.path.dirname(os.path.abspath(cfg.output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{cfg.source}: output {cfg.output} cannot be written ({parent} is not writable)")
+
+
+def _check_resume(path: str, mcfg: ModelConfig, cfg: TrainConfig) -> None:
+    ck = checkpoint.load(path)
+    old, new = ck["model_config"], mcfg.to_dict()
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        show = "; ".join(f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in diff[:4])
+        raise ConfigError(f"--resume {path}: the checkpoint's model differs from the config's ({show}); resume with "
+                          "the config that made it, or start a new training")
+    if ck.get("epoch", 0) >= cfg.train["epochs"]:
+        raise ConfigError(f"--resume {path}: the checkpoint is at epoch {ck.get('epoch')}; --epochs (or train.epochs)"
+                          f" must be larger than that to continue, got {cfg.train['epochs']}")
+
+
+def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
+                      overwrite: bool = False) -> dict:
     """The whole `egnn train`: data, model, output statistics, epochs, checkpoints."""
+    _prepare_output(cfg, resume, overwrite)
+    if resume:
+        checkpoint.load(resume)  # a bad checkpoint fails before any data work
     seed_everything(int(cfg.train["seed"]))
     # converted run folders are cached outside the output folder, so a config that fails validation
     # leaves no output behind
@@ -509,6 +679,8 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     basis = train_ds[0].basis
     mcfg = ModelConfig.from_dict({**cfg.model, "basis": basis, "r_cut": cfg.r_cut})
     train, val = load_samples(train_ds, basis), load_samples(val_ds, basis)
+    if resume:
+        _check_resume(resume, mcfg, cfg)
     model = HamiltonianModel(mcfg)
     config_dict = {"data": cfg.data, "model": cfg.model, "train": cfg.train, "output": cfg.output,
                    "partition": cfg.partition}

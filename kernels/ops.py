@@ -11,8 +11,9 @@ public functions (each takes `backend="auto" | "triton" | "torch"`, see egnn.ker
 
 Launches run under the tensors' CUDA device, after shape checks, with the launch parameters of
 `launch_config` (exactly what the compile lane, egnn.kernels.resources, compiles and budgets).
-Nothing here synchronises with the host: `dst` must be sorted (CSR by destination; egnn's graphs
-are), segment pointers come from searchsorted, weight packing and meta tables are cached, so a
+Nothing here synchronises with the host per call: `dst` must be sorted (CSR by destination; egnn's
+graphs are), which is checked once per dst tensor (`check_once`, skipped while a CUDA graph is
+captured); segment pointers come from searchsorted, weight packing and meta tables are cached, so a
 training step can be captured in a CUDA graph. A kernel that fails to compile falls back to the
 twin with one log line, or raises KernelError when backend="triton" was forced.
 
@@ -227,6 +228,31 @@ def _so2_launch(x, xe, scale, wbuf, bias, meta, lmax, mmax, cin, cout, nx):
           wbuf if bias is None else bias.to(wbuf.dtype).contiguous(), meta, E, KMR, cin, cout, kx, nx),
          dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), **cfg), x.device)
     return y, xo
+
+
+_CHECKED: dict = {}
+
+
+def check_once(tag: str, t: torch.Tensor, check) -> None:
+    """Run `check(t)` (which may synchronise with the host) once per tensor object and version:
+    a graph's dst or edge vectors are validated on first use, later layers and steps reuse the
+    verdict, and nothing is checked while a CUDA graph is being captured."""
+    key = (tag, id(t))
+    hit = _CHECKED.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    check(t)
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED[key] = (weakref.ref(t), t._version)
+
+
+def _check_sorted(dst):
+    if dst.numel() > 1 and bool((dst[1:] < dst[:-1]).any()):
+        raise InputError("attention_aggregate: dst must be sorted (edges in CSR order by destination, as "
+                         "egnn.graph.radius_graph returns them); sort the edges with dst.argsort(stable=True)")
 
 
 def _segment_ptr(dst, num_nodes):
@@ -502,6 +528,13 @@ def _check_edges(name, edge_vec, roll, E, device):
               f"{tuple(roll.shape)} on {roll.device}")
 
 
+def _lane_frame(edge_vec, roll):
+    """Edge vectors and rolls as the kernels were compiled for them (float32: the angles are float32
+    inside the kernels anyway; a float64 geometry would otherwise compile an unchecked variant).
+    Differentiable casts, so forces still reach a float64 edge_vec."""
+    return edge_vec.float(), None if roll is None else roll.float()
+
+
 def _fallback(name, backend, exc):
     """A kernel that failed to compile: the twin (logged once) or, when forced, a KernelError."""
     if _backend.forced(backend):
@@ -535,7 +568,7 @@ def rotate_to_edge(x, e, src, dst, edge_vec, lmax: int, mmax: int | None = None,
     if _backend.resolve(backend, ref.device, lmax, ref.dtype) == "torch":
         return twin.rotate_to_edge(x, e, src, dst, edge_vec, lmax, mmax, roll)
     try:
-        return _RotateToEdge.apply(x, e, src, dst, edge_vec, roll, lmax, mmax)
+        return _RotateToEdge.apply(x, e, src.long(), dst.long(), *_lane_frame(edge_vec, roll), lmax, mmax)
     except _compile_errors() as exc:
         _fallback("rotate_to_edge", backend, exc)
         return twin.rotate_to_edge(x, e, src, dst, edge_vec, lmax, mmax, roll)
@@ -551,7 +584,7 @@ def rotate_back(y, edge_vec, lmax: int, mmax: int | None = None, backend: str = 
     if _backend.resolve(backend, y.device, lmax, y.dtype) == "torch":
         return twin.rotate_back(y, edge_vec, lmax, mmax, roll)
     try:
-        return _RotateBack.apply(y, edge_vec, roll, lmax, mmax)
+        return _RotateBack.apply(y, *_lane_frame(edge_vec, roll), lmax, mmax)
     except _compile_errors() as exc:
         _fallback("rotate_back", backend, exc)
         return twin.rotate_back(y, edge_vec, lmax, mmax, roll)
@@ -603,8 +636,10 @@ def attention_aggregate(values, logits, dst, num_nodes: int, edge_vec=None, lmax
         lmax = mmax = 0  # values are already in the global frame: K rows of any layout
     if _backend.resolve(backend, values.device, lmax, values.dtype) == "torch":
         return twin.attention_aggregate(values, logits, dst, num_nodes, edge_vec, lmax, mmax, roll)
+    check_once("sorted", dst, _check_sorted)  # the kernel walks CSR segments; the twin does not care
     try:
-        return _Aggregate.apply(values, logits, dst, num_nodes, edge_vec, roll, lmax, mmax)
+        vec, roll = _lane_frame(edge_vec, roll) if edge_vec is not None else (None, None)
+        return _Aggregate.apply(values, logits, dst.long(), num_nodes, vec, roll, lmax, mmax)
     except _compile_errors() as exc:
         _fallback("attention_aggregate", backend, exc)
         return twin.attention_aggregate(values, logits, dst, num_nodes, edge_vec, lmax, mmax, roll)

@@ -53,11 +53,21 @@ def _mmaxes(lmax):
     return sorted({min(2, lmax), lmax} if lmax > 1 else {lmax})
 
 
-def specs(archs=ARCHS, lmaxes=(2, 4, 6), dtypes=("fp32", "bf16", "fp16"), roll: bool = True) -> list[Spec]:
+def specs(archs=ARCHS, lmaxes=(2, 4, 6), dtypes=("fp32", "bf16", "fp16"), roll: bool = True,
+          sweep: bool = True) -> list[Spec]:
     """What the ops launch: rotate_to_edge = to_edge (backward: from_edge), rotate_back = from_edge
     (backward: to_edge), attention_aggregate = aggregate (backward: to_edge), the reference layer's
-    aggregate_plain, so2_linear = so2_fwd (backward: so2_bwd; TF32 when torch allows it)."""
+    aggregate_plain, so2_linear = so2_fwd (backward: so2_bwd; TF32 when torch allows it).
+
+    Every arch and dtype at `lmaxes` with mmax = min(2, lmax) and lmax; with `sweep`, also every
+    (lmax, mmax) the backend sends to Triton (lmax <= MAX_TRITON_LMAX, any mmax) for the kernels
+    whose code depends on them (the rotations and the aggregation; so2 takes lmax and mmax at run
+    time), in fp32 on the first arch, so no launch the backend allows is left uncompiled. The so2
+    kernels do not depend on lmax or mmax: they appear once per arch, dtype and variant."""
     out = []
+    if sweep:
+        out += [Spec(k, archs[0], l, m, "fp32") for l in range(MAX_TRITON_LMAX + 1) for m in range(l + 1)
+                for k in ("to_edge", "from_edge", "aggregate")]
     for arch in archs:
         for lmax in lmaxes:
             for dt in dtypes:
@@ -68,7 +78,13 @@ def specs(archs=ARCHS, lmaxes=(2, 4, 6), dtypes=("fp32", "bf16", "fp16"), roll: 
                 if roll:  # frames with a roll (fairchem interop) take the HAS_ROLL variants
                     out += [Spec(k, arch, lmax, _mmaxes(lmax)[0], dt, roll=True) for k in ("to_edge", "from_edge")]
             out += [Spec("so2_fwd_tf32", arch, lmax, m, "fp32") for m in _mmaxes(lmax)]
-    return [s for s in out if s.lmax <= MAX_TRITON_LMAX]
+    # so2 kernels take lmax and mmax at run time: one compile per arch, dtype and variant
+    first = {}
+    for s in out:
+        if s.kernel.startswith("so2"):
+            first.setdefault((s.kernel, s.arch, s.dtype), s)
+    out = [s for s in out if not s.kernel.startswith("so2") or first[(s.kernel, s.arch, s.dtype)] is s]
+    return list(dict.fromkeys(s for s in out if s.lmax <= MAX_TRITON_LMAX))
 
 
 def representative() -> list[Spec]:
@@ -156,11 +172,15 @@ def source_hash() -> str:
     """Changes when any kernel source changes (the cache key of the lane's results)."""
     import triton
 
+    import inspect
+
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha1(triton.__version__.encode())
-    for f in sorted(("rotate.py", "rotate_io.py", "_wigner.py", "aggregate.py", "so2.py", "ops.py")):
+    for f in sorted(("rotate.py", "rotate_io.py", "_wigner.py", "aggregate.py", "so2.py")):
         with open(os.path.join(here, f), "rb") as fh:
             h.update(fh.read())
+    h.update(inspect.getsource(ops.gpu_config).encode())  # the launch parameters, not the rest of ops.py
+    h.update(inspect.getsource(launch).encode())
     return h.hexdigest()[:12]
 
 

@@ -1,5 +1,6 @@
 """Message transform (rotate -> SO(2) convolution -> rotate back), egnn vs an EquiformerV2-style
-reference written here, messages/s in the same run, plus saved-activation bytes per edge.
+reference written here, messages/s in the same run, plus saved-activation bytes per edge and (on
+CUDA) the forward's compulsory traffic as a fraction of HBM bandwidth.
 
 lmax 4, E = 16 channels: messages [E, 25, 3·16] -> SO(2) conv 48 -> 32 -> 16 -> [E, 25, 16].
 * egnn: EdgeRotation + SO2Convolution (backend "auto": Triton on CUDA, the PyTorch twins on CPU);
@@ -71,6 +72,7 @@ def main(argv=None):
     ap.add_argument("--lmax", type=int, default=4)
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM peak in TB/s (H200: 4.8) for the bandwidth fraction")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_message.json"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -106,6 +108,10 @@ def main(argv=None):
             r[f"{name}_fwdbwd_per_s"] = E / best_time(lambda: fn(m).square().sum().backward(), args.reps, device)
             nbytes, _ = saved_activation_bytes(fn, m, exclude=params)
             r[f"{name}_saved_B_per_edge"] = nbytes / E
+        if device.type == "cuda":  # compulsory traffic only: messages in, rotated-back messages out, edge vectors
+            nbytes = E * (K * 4 * C * msg.element_size() + 3 * vec.element_size())
+            for name in ("egnn", "ref"):
+                r[f"{name}_fwd_frac_hbm"] = nbytes * r[f"{name}_fwd_per_s"] / E / (args.hbm_tbs * 1e12)
         r["speedup_fwd"] = r["egnn_fwd_per_s"] / r["ref_fwd_per_s"]
         r["speedup_fwdbwd"] = r["egnn_fwdbwd_per_s"] / r["ref_fwdbwd_per_s"]
         if "twin_fwd_per_s" in r:

@@ -1,21 +1,24 @@
-"""`egnn predict` at scale: the 96-atom HfO2 cell, tiled 2x2x2 (768 atoms) and 4x4x4 (6,144 atoms),
-r_cut 8 Å, an untrained model of the default size (lmax = mmax = 4, 16 channels, 3 layers; the
-weights do not change the cost) or a given checkpoint.
+"""`egnn predict` at device scale: 3,000 / 12,000 / 24,000 atoms of rattled monoclinic HfO2 at 8 Å,
+in one process and under torchrun with 2 and 4 gloo ranks; time per stage, peak RSS per rank and
+bytes written.
 
-Each size runs in its own child process so that its peak RSS (resource.getrusage ru_maxrss) is its
-own; phases: radius graph, model (chunked: `--edge-chunk` edges at a time), assembly of H(R) into
-sparse matrices (+ symmetrisation), writing the npz files (and, with --csr, binary CP2K .csr).
-Ratios are per atom against the 96-atom baseline of the same run (linear scaling = 1.0).
+The structure: the 12-atom monoclinic cell of the shipped data repeated 5x5x10 (3,000 atoms,
+rattled σ = 0.1 Å, seed 0), tiled 2x2x1 and 2x2x2 by `--tile`. The model is the demo's size
+(lmax = mmax = 4, 16 channels, 2 layers; untrained: the weights do not change the cost) or
+--checkpoint. Every run is the real command line, `egnn predict ... --json` (under torchrun for
+ranks > 1), in its own process, so its peak RSS is its own; the report of each rank comes back in
+the JSON. Format: rows (streamed, the scalable one, and the only one under torchrun) for every run, so
+bytes and memory compare; --format adds others to the one-process runs.
 
-    .venv/bin/python profiling/bench_predict.py [--sizes 1,2,4] [--edge-chunk 20000] [--checkpoint CK]
-        [--csr] [--out profiling/results/bench_predict.json]
+    .venv/bin/python profiling/bench_predict.py [--sizes 3000,12000,24000] [--ranks 1,2,4]
+        [--edge-chunk 20000] [--format rows,gamma] [--checkpoint CK] [--out profiling/results/bench_predict.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,125 +26,113 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CELL_96 = [os.path.join(ROOT, "..", "shared", "data", "structures", "hfo2_gamma", "hfo2_m96_rattled_000.xyz"),
-           "/work/shared/data/structures/hfo2_gamma/hfo2_m96_rattled_000.xyz"]
+TILES = {3000: (1, 1, 1), 12000: (2, 2, 1), 24000: (2, 2, 2)}
 
 
-def base_cell():
-    """The rattled 96-atom HfO2 cell; without the shared data, the shipped 12-atom demo cell x 2x2x2."""
-    import ase.io
+def _free_port() -> int:
+    import socket
 
-    for p in CELL_96:
-        if os.path.exists(p):
-            return ase.io.read(p), os.path.abspath(p)
-    from egnn.predict import read_input
-
-    demo = os.path.join(ROOT, "egnn", "demo_data", "hfo2_kp", "hfo2_m12_rattled_s0000")
-    return read_input(demo)[0].repeat((2, 2, 2)), demo + " x 2x2x2"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def make_model(checkpoint, r_cut):
+def make_structure(path):
+    from egnn.datagen import prototype
+
+    atoms = prototype("hfo2_m12").repeat((5, 5, 10))
+    atoms.rattle(0.1, seed=0)
+    atoms.write(path, format="extxyz")
+    return len(atoms)
+
+
+def make_checkpoint(path, r_cut=8.0):
     import torch
 
     from egnn.basis import OrbitalBasis
     from egnn.model import HamiltonianModel, ModelConfig
-    from egnn.train import model_from_checkpoint
 
-    if checkpoint:
-        return model_from_checkpoint(checkpoint)
     torch.manual_seed(0)
     basis = OrbitalBasis.explicit({"Hf": "sspd", "O": "sp"}, "SZV-MOLOPT-SR-GTH")
-    return HamiltonianModel(ModelConfig(basis=basis, r_cut=r_cut)).eval()
+    m = HamiltonianModel(ModelConfig(basis=basis, r_cut=r_cut, layers=2))
+    torch.save({"format": "egnn-checkpoint-1", "model_config": m.config.to_dict(), "model": m.state_dict()}, path)
 
 
-def child(rep: int, args) -> dict:
-    """One size in this process: phase times and the peak RSS."""
-    import torch
-
-    from egnn.graph import radius_graph
-    from egnn.predict import assemble_chunked, predict_blocks, symmetrize, write_prediction
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    model = make_model(args.checkpoint, args.r_cut)
-    atoms, src = base_cell()
-    atoms = atoms.repeat((rep, rep, rep))
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t = {}
+def run_one(n_atoms, ranks, args, work):
+    out = os.path.join(work, f"out_{n_atoms}_{ranks}")
+    shutil.rmtree(out, ignore_errors=True)
+    tile = "x".join(map(str, TILES[n_atoms]))
+    egnn = [sys.executable, "-m", "egnn"] if ranks == 1 else \
+        [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node", str(ranks),
+         "--master-port", str(_free_port()), "-m", "egnn"]
+    fmt = args.format if ranks == 1 or args.format == "rows" else "rows"
+    cmd = egnn + ["predict", "--checkpoint", args.checkpoint, args.structure, "-o", out, "--tile", tile,
+                  "--edge-chunk", str(args.edge_chunk), "--format", fmt, "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // ranks)))
     t0 = time.perf_counter()
-    graph = radius_graph(atoms, float(model.config.r_cut))
-    t["graph_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    node, edge = predict_blocks(model, graph, edge_chunk=args.edge_chunk)
-    t["model_s"] = time.perf_counter() - t0
-    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t0 = time.perf_counter()
-    HR = symmetrize(assemble_chunked(graph, node, edge, model.basis))
-    del node, edge
-    t["assemble_s"] = time.perf_counter() - t0
-    nnz = sum(M.nnz for M in HR.values())
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        t0 = time.perf_counter()
-        files = write_prediction(tmp, "bench", HR, model.basis, atoms, binary=True, csr=args.csr)
-        t["write_s"] = time.perf_counter() - t0
-        size = sum(os.path.getsize(f) for f in files)
-    t["total_s"] = sum(t.values())
-    return {"rep": rep, "atoms": len(atoms), "edges": int(graph.num_edges), "images": len(HR), "nnz": int(nnz),
-            "orbitals": int(model.basis.orbital_offsets(atoms.numbers)[-1]), **t,
-            "rss_start_MB": rss0, "rss_after_model_MB": rss_model,
-            "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "files_MB": size / 2 ** 20, "edge_chunk": args.edge_chunk, "source": src,
-            "threads": torch.get_num_threads()}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    with open(os.path.join(work, f"log_{n_atoms}_{ranks}.txt"), "w") as fh:  # the whole story, for failures
+        fh.write(p.stderr)
+    if p.returncode:
+        return {"atoms_target": n_atoms, "ranks": ranks, "error": p.stderr[-4000:], "wall_s": wall,
+                "log": os.path.join(work, f"log_{n_atoms}_{ranks}.txt")}
+    rep = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
+    s = rep["structures"][0]
+    row = {"atoms": s["atoms"], "ranks": ranks, "edges": s["edges"], "nonzeros": s["nonzeros"], "wall_s": wall,
+           "graph_s": s["graph_s"], "layers_s": s.get("layers_s"), "predict_and_write_rows_s": s["predict_and_write_rows_s"],
+           "finalize_s": s["finalize_s"], "total_s": s["total_s"], "bytes_written": s["bytes"],
+           "estimate_peak_MB": s["estimate"]["peak_bytes"] / 2 ** 20,
+           "peak_rss_MB": rep.get("peak_rss_MB_per_rank", [rep["peak_rss_MB"]]),
+           "format": fmt}
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return row
 
 
 def main():
-    from egnn.predict import DEFAULT_EDGE_CHUNK
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1,2,4", help="tilings of the 96-atom cell (n -> n x n x n)")
-    ap.add_argument("--edge-chunk", type=int, default=DEFAULT_EDGE_CHUNK)
-    ap.add_argument("--r-cut", type=float, default=8.0)
-    ap.add_argument("--checkpoint", default=None, help="a trained checkpoint (default: untrained, default size)")
-    ap.add_argument("--csr", action="store_true", help="also write the binary CP2K .csr files")
-    ap.add_argument("--tmp", default=None, help="folder for the written files (deleted afterwards)")
+    ap.add_argument("--sizes", default="3000,12000,24000")
+    ap.add_argument("--ranks", default="1,2,4")
+    ap.add_argument("--edge-chunk", type=int, default=20_000)
+    ap.add_argument("--format", default="rows", help="formats (default rows: the same for every rank count)")
+    ap.add_argument("--threads", type=int, default=2, help="threads per run, split over its ranks")
+    ap.add_argument("--checkpoint", default=None, help="a trained checkpoint (default: untrained, demo size)")
+    ap.add_argument("--work", default=None, help="folder for the structure and the outputs (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the written files")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bench_predict.json"))
-    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child is not None:
-        print(json.dumps(child(args.child, args)))
-        return
+    work = args.work or tempfile.mkdtemp(prefix="egnn-bench-predict-")
+    os.makedirs(work, exist_ok=True)
+    args.structure = os.path.join(work, "hfo2_m3000.extxyz")
+    make_structure(args.structure)
+    if not args.checkpoint:
+        args.checkpoint = os.path.join(work, "demo_size.pt")
+        make_checkpoint(args.checkpoint)
     rows = []
-    for rep in [int(x) for x in args.sizes.split(",")]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", str(rep), "--edge-chunk", str(args.edge_chunk),
-               "--r-cut", str(args.r_cut)] + (["--checkpoint", args.checkpoint] if args.checkpoint else []) + \
-              (["--csr"] if args.csr else []) + (["--tmp", args.tmp] if args.tmp else [])
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode:
-            print(p.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"size {rep}x{rep}x{rep} failed (exit {p.returncode})")
-        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out + ".partial", "w") as fh:  # what is done so far, should a larger size not finish
-            json.dump({"rows": rows}, fh, indent=1)
-        print(f"done {rep}x{rep}x{rep}: {rows[-1]['atoms']} atoms in {rows[-1]['total_s']:.1f} s", file=sys.stderr,
-              flush=True)
-    base = rows[0]
+    for n in [int(x) for x in args.sizes.split(",")]:
+        for r in [int(x) for x in args.ranks.split(",")]:
+            row = run_one(n, r, args, work)
+            rows.append(row)
+            print(f"done {n} atoms on {r} rank(s): " + (f"{row['total_s']:.0f} s, peak RSS {max(row['peak_rss_MB']):.0f} MB"
+                                                         if "error" not in row else "FAILED " + row["error"][-300:]),
+                  file=sys.stderr, flush=True)
+            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+            with open(args.out + ".partial", "w") as fh:
+                json.dump({"rows": rows}, fh, indent=1)
+    print(f"egnn predict, 8 Å, edge_chunk {args.edge_chunk}, {args.threads} threads per run")
+    print(f"{'atoms':>7s}{'ranks':>6s}{'edges':>11s}{'non-zeros':>13s}{'graph s':>9s}{'layers s':>9s}{'rows s':>8s}"
+          f"{'final s':>8s}{'total s':>8s}{'written MB':>11s}{'est. MB':>9s}  peak RSS per rank (MB)")
     for r in rows:
-        r["time_per_atom_ratio"] = (r["total_s"] / r["atoms"]) / (base["total_s"] / base["atoms"])
-        r["model_per_edge_ratio"] = (r["model_s"] / r["edges"]) / (base["model_s"] / base["edges"])
-        r["rss_ratio"] = r["peak_rss_MB"] / base["peak_rss_MB"]
-    hdr = (f"{'cell':>8s}{'atoms':>7s}{'edges':>10s}{'nnz(H)':>12s}{'graph s':>9s}{'model s':>9s}{'asm s':>8s}"
-           f"{'write s':>9s}{'total s':>9s}{'peak RSS MB':>13s}{'t/atom x':>9s}{'RSS x':>7s}")
-    print(f"egnn predict, r_cut {args.r_cut} Å, edge_chunk {args.edge_chunk}, "
-          f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'untrained default model'}")
-    print(hdr)
-    for r in rows:
-        print(f"{r['rep']}x{r['rep']}x{r['rep']:<3d}{r['atoms']:>7d}{r['edges']:>10d}{r['nnz']:>12d}{r['graph_s']:>9.2f}"
-              f"{r['model_s']:>9.1f}{r['assemble_s']:>8.1f}{r['write_s']:>9.1f}{r['total_s']:>9.1f}"
-              f"{r['peak_rss_MB']:>13.0f}{r['time_per_atom_ratio']:>9.2f}{r['rss_ratio']:>7.2f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        if "error" in r:
+            print(f"{r['atoms_target']:>7d}{r['ranks']:>6d}  failed")
+            continue
+        print(f"{r['atoms']:>7d}{r['ranks']:>6d}{r['edges']:>11,d}{r['nonzeros']:>13,d}{r['graph_s']:>9.1f}"
+              f"{r['layers_s'] or 0:>9.1f}{r['predict_and_write_rows_s']:>8.1f}{r['finalize_s']:>8.1f}{r['total_s']:>8.1f}"
+              f"{r['bytes_written'] / 2**20:>11.0f}{r['estimate_peak_MB']:>9.0f}  "
+              + " ".join(f"{m:.0f}" for m in r["peak_rss_MB"]))
     with open(args.out, "w") as fh:
-        json.dump({"r_cut": args.r_cut, "edge_chunk": args.edge_chunk, "checkpoint": args.checkpoint,
-                   "rows": rows}, fh, indent=1)
+        json.dump({"edge_chunk": args.edge_chunk, "format": args.format, "rows": rows}, fh, indent=1)
     print(f"wrote {args.out}")
 
 

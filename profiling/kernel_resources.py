@@ -152,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--lmax", type=int, nargs="+", default=[2, 4, 6])
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--subset", action="store_true", help="only the representative subset the tests compile")
+    p.add_argument("--no-sweep", action="store_true", help="leave out the fp32 sweep over every (lmax, mmax)")
     p.add_argument("--jobs", type=int, default=2, help="parallel compile processes (default 2)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per specialization (default 300)")
     p.add_argument("--no-cache", action="store_true", help="recompile everything")
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     if why:
         print(f"kernel_resources: skipped: {why}", file=sys.stderr)
         return 0
-    specs = R.representative() if a.subset else R.specs(tuple(a.arch), tuple(a.lmax), tuple(a.dtype))
+    specs = R.representative() if a.subset else R.specs(tuple(a.arch), tuple(a.lmax), tuple(a.dtype), sweep=not a.no_sweep)
     src = R.source_hash()
     cache = {} if a.no_cache else _load_cache(src)
     todo = [s for s in specs if _key(s, src) not in cache]

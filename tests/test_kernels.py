@@ -421,6 +421,41 @@ def test_no_host_sync_helpers():
     assert b is not a and not torch.equal(a, b)
 
 
+def test_dst_order_checked_once_per_graph(monkeypatch):
+    """The Triton aggregation walks CSR segments: an unsorted dst is an InputError, checked once per
+    dst tensor (one host sync per graph, not per layer), again after an in-place change."""
+    _, dst, vec = graph(6, 70)
+    values, logits = torch.randn(70, 9, 4), torch.randn(70, 2)
+    calls = []
+    real = ops._check_sorted
+    monkeypatch.setattr(ops, "_check_sorted", lambda d: calls.append(1) or real(d))
+    for _ in range(3):
+        attention_aggregate(values, logits, dst, 6, backend="triton")
+    assert len(calls) == 1
+    shuffled = dst.flip(0).contiguous()
+    with pytest.raises(EgnnError, match="dst must be sorted"):
+        attention_aggregate(values, logits, shuffled, 6, backend="triton")
+    torch.testing.assert_close(attention_aggregate(values, logits, shuffled, 6, backend="torch"),
+                               attention_aggregate(values, logits, dst.flip(0), 6, backend="torch"))
+    dst[:2] = dst[-1]  # in place: a new version, checked again
+    with pytest.raises(EgnnError, match="dst must be sorted"):
+        attention_aggregate(values, logits, dst, 6, backend="triton")
+
+
+def test_float64_geometry_and_int32_indices_take_the_compiled_variants():
+    """A float64 edge_vec and int32 indices run the float32 / int64 kernels the compile lane covers,
+    and the force still reaches the float64 vectors."""
+    src, dst, vec = graph(5, 25, seed=3)
+    x = torch.randn(5, 9, 3)
+    v64 = vec.double().requires_grad_()
+    out = rotate_to_edge(x, None, src.int(), dst.int(), v64, 2, 2, backend="triton")
+    (g,) = torch.autograd.grad((out * probe(out)).sum(), v64)
+    v = vec.clone().requires_grad_()
+    ref = twin.rotate_to_edge(x, None, src, dst, v, 2, 2)
+    (gr,) = torch.autograd.grad((ref * probe(ref)).sum(), v)
+    assert g.dtype == torch.float64 and rel(out, ref) < 1e-5 and rel(g, gr) < 1e-5
+
+
 def test_generated_rotation_maths_is_current():
     from egnn.kernels import _codegen
 
@@ -437,7 +472,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("lmax,mmax", [(4, 4), (4, 2), (6, 3)])
 def test_gpu_ops_forward_backward_match_twin(device, dtype, lmax, mmax):
     os.environ["TRITON_INTERPRET"] = "0"

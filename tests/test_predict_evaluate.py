@@ -53,27 +53,34 @@ def _atoms(run):
 
 
 # ----------------------------------------------------------------------------- predict
-def test_predict_cli_files(checkpoint, model, tmp_path):
+def test_predict_cli_every_format(checkpoint, model, tmp_path):
     from egnn.io.cp2k import read_run
+    from egnn.io.rows import load_rows, read_index
     from egnn.predict import load_images, predict_structure, to_cp2k_order
 
+    pytest.importorskip("sisl")
     out = str(tmp_path / "out")
     assert _cli(["predict", "--checkpoint", checkpoint, KP_INP, "-o", out, "--with-overlap", "--edge-chunk", "100",
-                 "--json"]) == 0
+                 "--format", "rows,gamma,npz,cp2k,sisl", "--json"]) == 0
     stem = "hfo2_m12_rattled_s0000"
     G = sp.load_npz(os.path.join(out, f"{stem}_H.npz"))
     assert G.shape == (72, 72)
     images = load_images(os.path.join(out, f"{stem}_HR.npz"))
     assert len(images) > 1
-    total = sum(images.values())
-    np.testing.assert_allclose(total.toarray(), G.toarray(), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(G.toarray(), G.toarray().T, atol=1e-12)  # symmetrised: Hermitian at Γ
-    # the npz holds the CP2K-ordered version of the library's prediction (chunking changes nothing)
+    np.testing.assert_allclose(sum(images.values()).toarray(), G.toarray(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(G.toarray(), G.toarray().T, atol=1e-12)  # symmetric by construction
+    for R, M in images.items():  # H(R) = H(-R)ᵀ image by image
+        assert abs(M - images[tuple(-x for x in R)].T).max() < 1e-12
+    # the row blocks (several parts: 100-edge chunks) reassemble to the same images
+    rows = load_rows(os.path.join(out, f"{stem}_H.rows"))
+    assert len(read_index(os.path.join(out, f"{stem}_H.rows"))["parts"]) > 3
+    assert set(rows) == set(images) and all(abs(rows[R] - images[R]).max() == 0 for R in rows)
+    # the files hold the CP2K-ordered version of the library's in-memory prediction
     atoms = _atoms(KP_INP)
     HR = predict_structure(model, atoms, edge_chunk=None)
     ref = to_cp2k_order(sum(HR.values()), model.basis, atoms.numbers)
     np.testing.assert_allclose(G.toarray(), ref.toarray(), rtol=1e-5, atol=1e-5 * abs(ref).max())
-    # the CP2K .csr files + image table read back (egnn.io.cp2k) to the same H(R)
+    # the streamed CP2K .csr files + image table read back (egnn.io.cp2k) to the same H(R)
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(KP_INP, run)
@@ -81,19 +88,112 @@ def test_predict_cli_files(checkpoint, model, tmp_path):
         shutil.copy(f, run)
     shutil.copy(os.path.join(out, f"{stem}_images.out"), run / f"{stem}.out")
     back = read_run(str(run), matrices=("H",)).H
-    mine = images  # CP2K order already
     T = model.basis.transform(atoms.numbers, "cp2k")
-    assert set(back) == set(mine)
-    for R in mine:
-        np.testing.assert_allclose((T.T @ back[R] @ T).toarray(), mine[R].toarray(), atol=1e-10)
-    # S from PySCF: normalised orbitals (diagonal 1 at R = 0), symmetric Γ matrix
+    assert set(back) == set(images)
+    for R in images:
+        np.testing.assert_allclose((T.T @ back[R] @ T).toarray(), images[R].toarray(), atol=1e-10)
+    # S from PySCF: normalised orbitals (diagonal 1 at R = 0), symmetric positive definite Γ matrix
     S = load_images(os.path.join(out, f"{stem}_SR.npz"))
     np.testing.assert_allclose(S[(0, 0, 0)].diagonal(), 1.0, atol=1e-6)
     SG = sp.load_npz(os.path.join(out, f"{stem}_S.npz")).toarray()
     assert np.linalg.eigvalsh(SG).min() > 0
+    # sisl: TBtrans' TSHS reads back into a Hamiltonian whose bands at Γ and at a k-point are ours
+    import sisl
+
+    from egnn.bands import bands
+
+    H = sisl.get_sile(os.path.join(out, f"{stem}.TSHS")).read_hamiltonian()
+    for k in ([0, 0, 0], [0.25, -0.1, 0.3]):
+        np.testing.assert_allclose(H.eigh(k=k), bands(images, S, [k])[0], atol=1e-8)
     meta = json.load(open(os.path.join(out, f"{stem}_meta.json")))
     assert meta["atoms"] == 12 and meta["H_images"] == len(images)
+    assert set(meta["files"]) == set(os.listdir(out))
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary left behind
+
+
+def _with_reference(model):
+    """`model` plus a two-centre reference with random weights (as after fit_reference)."""
+    m = HamiltonianModel(ModelConfig.from_dict({**model.config.to_dict(), "reference": "two_centre"}))
+    m.load_state_dict(model.state_dict(), strict=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for b in (m.reference.edge_weight, m.reference.node_weight, m.reference.node_bias):
+            b.normal_()
+        m.reference.r_min.fill_(2.0)
+    return m.eval()
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_streamed_rows_equal_the_in_memory_assembly(model, reference):
+    """The streamed, chunked, reverse-edge-symmetrised H(R) equals the old path: one full forward,
+    blocks.assemble of every block, then symmetrize (also with the two-centre reference, which the
+    streamed path adds chunk by chunk and to the reverse edges)."""
+    from egnn.blocks import assemble
+    from egnn.graph import radius_graph
+    from egnn.predict import predict_structure, symmetrize
+
+    model = _with_reference(model) if reference else model
+    atoms = _atoms(KP_INP).repeat((1, 2, 1))
+    g = radius_graph(atoms, model.config.r_cut)
+    t = torch.as_tensor
+    with torch.no_grad():
+        node, edge = model(t(model.basis.species_index(g.numbers)), t(g.src), t(g.dst), t(g.vec, dtype=torch.float32))
+    ref = symmetrize(assemble(g, node, edge, model.basis))
+    for chunk in (None, 37, 500):
+        got = predict_structure(model, atoms, edge_chunk=chunk)
+        assert set(got) == set(ref)
+        scale = max(abs(M).max() for M in ref.values())
+        assert max(abs(got[R] - ref[R]).max() for R in ref) <= 1e-5 * scale
+
+
+def test_overwrite_and_stale_partial_output(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", checkpoint, KP_INP, "-o", str(out), "--format", "gamma"]
+    assert _cli(argv) == 0
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(EgnnError, match="--overwrite"):
+        _cli(argv)
+    # a run killed mid-way left its hidden .part folder (its writer no longer runs): the next run removes it
+    stale = out / ".hfo2_m12_rattled_s0000.x1y2.part"
+    stale.mkdir()
+    (stale / "egnn-partial.json").write_text(json.dumps({"stem": "x", "pid": 2 ** 22 + 12345, "host": os.uname()[1],
+                                                         "started": "earlier"}))
+    (stale / "junk.npz").write_bytes(b"half")
+    foreign = out / ".someone-elses.part"  # no egnn marker: never touched
+    foreign.mkdir()
+    assert _cli(argv + ["--overwrite"]) == 0
+    assert not stale.exists() and foreign.exists()
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite clears only egnn's own files
+    assert sorted(os.listdir(out)) == sorted([".someone-elses.part", "hfo2_m12_rattled_s0000_H.npz",
+                                              "hfo2_m12_rattled_s0000_meta.json", "notes.txt"])
+
+
+def test_memory_estimate_refuses_before_work(checkpoint, tmp_path, monkeypatch):
+    import egnn.predict as P
+
+    monkeypatch.setattr(P, "_available_memory", lambda: 2 ** 20)  # 1 MiB left
+    out = tmp_path / "out"
+    with pytest.raises(EgnnError, match="--edge-chunk") as exc:
+        _cli(["predict", "--checkpoint", checkpoint, KP_INP, "-o", str(out)])
+    assert "MiB" in str(exc.value) and "--format rows" in str(exc.value)
+    assert not out.exists() or not [f for f in os.listdir(out) if not f.startswith(".")]
+
+
+def test_estimate_tracks_the_real_graph(model):
+    from egnn.graph import radius_graph
+    from egnn.predict import BASE_BYTES, estimate
+
+    atoms = _atoms(KP_INP)
+    g = radius_graph(atoms, model.config.r_cut)
+    est = estimate(g, model, ("rows", "gamma"), 1000)
+    HR = __import__("egnn.predict", fromlist=["predict_structure"]).predict_structure(model, atoms)
+    nnz = sum(M.nnz for M in HR.values())
+    assert 0.5 * nnz <= est["nonzeros"] <= 2.0 * nnz
+    small = estimate(g, model, ("rows",), 1)  # 1-edge chunks: what is left is state, linear in size
+    big = estimate(radius_graph(atoms.repeat((2, 2, 2)), model.config.r_cut), model, ("rows",), 1)
+    lo, hi = small["stream_bytes"] - BASE_BYTES, big["stream_bytes"] - BASE_BYTES
+    assert 7.5 * lo < hi < 8.5 * lo
+    assert est["output_bytes"]["rows"] == est["output_bytes"]["gamma"] == est["nonzeros"] * 12
 
 
 def test_rotated_structure_same_eigenvalues(model):
@@ -154,16 +254,12 @@ def test_bad_inputs_write_nothing(checkpoint, tmp_path):
         _cli(["predict", "--checkpoint", checkpoint, h2o, "-o", str(out)])
 
 
-def test_distributed_hook_needs_predict_distributed(model, monkeypatch):
-    import egnn.distributed
-    from egnn.graph import radius_graph
-    from egnn.predict import predict_blocks
+def test_distributed_formats_other_than_rows_are_refused(model, monkeypatch, tmp_path):
+    from egnn.predict import predict_to_files
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.delattr(egnn.distributed, "predict_distributed")
-    g = radius_graph(_atoms(GAMMA_RUN), model.config.r_cut)
-    with pytest.raises(EgnnError, match="distributed predict not available"):
-        predict_blocks(model, g, partition="low-nn")
+    with pytest.raises(EgnnError, match="under torchrun"):
+        predict_to_files(model, _atoms(GAMMA_RUN), str(tmp_path), "x", ("rows", "gamma"), partition="low-nn")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -228,3 +324,59 @@ def test_evaluate_exact_up_to_shift(run, tmp_path):
     assert r["eig_mae_meV"] == pytest.approx(1000 * c, rel=1e-6)
     assert r["eig_mae_shifted_meV"] < 1e-6
     assert abs(r["gap_err_meV"]) < 1e-6
+
+
+def test_overwrite_touches_only_this_structures_files(checkpoint, tmp_path):
+    """Names are matched exactly: a tiled prediction of the same cell and a user's file with the same
+    prefix survive, and a meta.json cannot point --overwrite outside the folder."""
+    out = tmp_path / "out"
+    base = ["predict", "--checkpoint", checkpoint, KP_INP, "-o", str(out), "--format", "gamma"]
+    assert _cli(base) == 0
+    assert _cli(base + ["--tile", "1x1x2"]) == 0
+    stem = "hfo2_m12_rattled_s0000"
+    (out / f"{stem}_notes.txt").write_text("mine")
+    sibling = tmp_path / "precious"
+    sibling.mkdir()
+    meta = json.loads((out / f"{stem}_meta.json").read_text())
+    meta["files"] = ["../precious", f"{stem}_notes.txt"]
+    (out / f"{stem}_meta.json").write_text(json.dumps(meta))
+    (out / f"{stem}-KS_SPIN_1_R_99-1_0.csr").write_text("stale file of an older writer\n")
+    assert _cli(base + ["--overwrite"]) == 0
+    assert sibling.exists() and (out / f"{stem}_notes.txt").read_text() == "mine"
+    assert (out / f"{stem}_1x1x2_H.npz").exists()  # the tiled prediction is another structure
+    assert not (out / f"{stem}-KS_SPIN_1_R_99-1_0.csr").exists()  # the older writer's stale image file went
+
+
+def test_output_under_a_file_and_a_full_disk(checkpoint, tmp_path, monkeypatch):
+    import shutil as sh
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(EgnnError, match="is a file"):
+        _cli(["predict", "--checkpoint", checkpoint, KP_INP, "-o", str(f / "sub")])
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage._replace(free=1000))
+    out = tmp_path / "out"
+    with pytest.raises(EgnnError, match="free"):
+        _cli(["predict", "--checkpoint", checkpoint, KP_INP, "-o", str(out)])
+    assert not out.exists()
+
+
+def test_molecule_to_sisl(checkpoint, tmp_path):
+    """An open structure gets a finite box in sisl (no NaN lattice) and its Γ bands match ours."""
+    sisl = pytest.importorskip("sisl")
+    from ase import Atoms
+
+    from egnn.bands import bands
+    from egnn.predict import load_images
+
+    mol = Atoms("HfO2", positions=[[0, 0, 0], [1.9, 0.3, 0], [-1.2, 1.5, 0.2]])
+    p = tmp_path / "mol.xyz"
+    mol.write(p)
+    out = tmp_path / "out"
+    assert _cli(["predict", "--checkpoint", checkpoint, str(p), "-o", str(out), "--format", "npz,sisl",
+                 "--with-overlap"]) == 0
+    H = sisl.get_sile(str(out / "mol.TSHS")).read_hamiltonian()
+    assert np.isfinite(H.geometry.lattice.cell).all()
+    ours = bands(load_images(str(out / "mol_HR.npz")), load_images(str(out / "mol_SR.npz")), [[0, 0, 0]])[0]
+    np.testing.assert_allclose(H.eigh(), ours, atol=1e-8)

@@ -2,6 +2,7 @@
 `egnn bench kernel-resources` runs the compile lane (profiling/kernel_resources.py)."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ def _profiling_dir() -> str:
 
 def add_arguments(p):
     p.add_argument("name", nargs="?", help="benchmark name (e.g. so3, message, kernels, kernel-resources, partition, halo, data)")
-    p.add_argument("args", nargs="*", help="arguments passed to the benchmark script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
 
 
 def run(args) -> int:

@@ -42,11 +42,10 @@ def run(args) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     cfg = load_config(demo_config(out, args.minutes, args.epochs))
-    shutil.rmtree(cfg.output, ignore_errors=True)
     t0 = time.time()
     print(f"[1/3] training on {len(cfg.data['train'])} CP2K runs for up to {args.minutes:g} min "
           f"(validation: {os.path.basename(cfg.data['val'][0])})")
-    result = train_from_config(cfg, progress=True)
+    result = train_from_config(cfg, progress=True, overwrite=True)  # a rerun replaces the demo's own files
     ck = os.path.join(out, "checkpoint.pt")
     shutil.copyfile(os.path.join(cfg.output, "best.pt"), ck)
     print(f"      {result['epoch']} epochs in {result['wall_s'] / 60:.1f} min; "
@@ -65,7 +64,7 @@ def run(args) -> int:
 
 def _evaluate_and_predict(ck: str, val_runs: list, out: str, tile: str) -> dict:
     from ..evaluate import evaluate, make_plots
-    from ..predict import parse_tile, predict_structure, read_input, write_prediction
+    from ..predict import parse_tile, predict_to_files, read_input
     from ..train import model_from_checkpoint, open_datasets
 
     model = model_from_checkpoint(ck)
@@ -80,17 +79,22 @@ def _evaluate_and_predict(ck: str, val_runs: list, out: str, tile: str) -> dict:
           f"after the energy-zero shift {res['mae_shifted_meV']:.2f} meV")
     print(f"      eigenvalues at Γ: occupied MAE {res['eig_occ_mae_meV']:.1f} meV "
           f"({res['eig_rel_percent']:.2f} % of |ε|), gap error {res['gap_mae_meV']:.1f} meV")
+    if "band_mae_meV" in res:
+        print(f"      bands (path + k-mesh, occupied + {4} empty): MAE {res['band_mae_meV']:.1f} meV, "
+              f"band gap error {res['band_gap_mae_meV']:.1f} meV; figures in {os.path.join(out, 'plots')}")
     atoms, _ = read_input(val_runs[0])
     big = atoms.repeat(parse_tile(tile))
     print(f"[3/3] predicting H of the held-out cell tiled {tile} ({len(big)} atoms)")
     t0 = time.time()
-    HR = predict_structure(model, big)
     stem = f"{os.path.basename(val_runs[0].rstrip('/'))}_{tile}"
     pred_dir = os.path.join(out, "predict")
-    files = write_prediction(pred_dir, stem, HR, model.basis, big)
-    print(f"      {len(HR)} images, {sum(M.nnz for M in HR.values()):,} non-zeros in {time.time() - t0:.1f} s")
+    rep = predict_to_files(model, big, pred_dir, stem, ("rows", "gamma", "cp2k"), binary=True, overwrite=True)
+    files = rep["files"]
+    print(f"      {rep['nonzeros']:,} non-zeros in {time.time() - t0:.1f} s: {len(files)} files "
+          f"({rep['bytes'] / 2**20:.1f} MiB; rows, Γ npz, binary CP2K .csr)")
     return {"evaluate": os.path.join(out, "evaluate.json"), "plots": os.path.join(out, "plots"),
             "prediction": os.path.join(pred_dir, f"{stem}_H.npz"), "mae_meV": res["mae_meV"],
             "mae_node_meV": res["mae_node_meV"], "mae_edge_meV": res["mae_edge_meV"],
             "eig_occ_mae_meV": res["eig_occ_mae_meV"], "eig_rel_percent": res["eig_rel_percent"],
+            "band_mae_meV": res.get("band_mae_meV"), "band_gap_mae_meV": res.get("band_gap_mae_meV"),
             "predicted_files": len(files)}

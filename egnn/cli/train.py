@@ -1,4 +1,4 @@
-"""egnn train CONFIG.yaml [--resume CHECKPOINT] [--epochs N] [--json]"""
+"""egnn train CONFIG.yaml [--resume CHECKPOINT] [--epochs N] [--overwrite] [--json]"""
 from __future__ import annotations
 
 import json
@@ -11,15 +11,21 @@ def add_arguments(p):
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--json", action="store_true", help="print one JSON object with the final metrics")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier training in the output folder (only egnn's files there)")
 
 
 def run(args) -> int:
     from ..train import load_config, train_from_config
 
+    from ..errors import ConfigError
+
     cfg = load_config(args.config)
-    if args.epochs:
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ConfigError(f"--epochs {args.epochs}: must be a positive number of epochs")
         cfg.train["epochs"] = args.epochs
-    result = train_from_config(cfg, resume=args.resume, progress=not (args.quiet or args.json))
+    result = train_from_config(cfg, resume=args.resume, progress=not (args.quiet or args.json), overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result))
     else:

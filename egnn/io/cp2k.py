@@ -39,8 +39,8 @@ GTH_VALENCE = {
     "Au": 11, "Hg": 12, "Tl": 13, "Pb": 4, "Bi": 5, "Po": 6, "At": 7, "Rn": 8,
 }
 
-__all__ = ["read_run", "read_csr", "write_csr", "parse_inp", "parse_out", "basis_shells",
-           "cp2k_wrap_offsets", "HARTREE_EV"]
+__all__ = ["read_run", "read_csr", "write_csr", "append_csr", "parse_inp", "parse_out", "basis_shells",
+           "cp2k_wrap_offsets", "HARTREE_EV", "GTH_VALENCE"]
 
 HARTREE_EV = 27.211386245988
 DEFAULT_BASIS_FILE = "/usr/share/cp2k/BASIS_MOLOPT"
@@ -351,12 +351,14 @@ def parse_out(path: str) -> Cp2kOutput:
 
 
 # ----------------------------------------------------------------------------- .csr
-def read_csr(path: str, n: int, upper_triangular: bool = False, binary=None):
+def read_csr(path: str, n: int, upper_triangular: bool = False, binary=None, limit: float | None = None):
     """One CP2K .csr file as 0-based COO (rows, cols, values) in the file's units and AO order.
 
     Text '(2(I8),E23.14E3)' or binary 24-byte records (detected from the first record marker),
     plain/.gz/.xz; an empty file is an all-zero matrix. Entries are never mirrored unless
-    `upper_triangular` is True (only when the input said UPPER_TRIANGULAR T).
+    `upper_triangular` is True (only when the input said UPPER_TRIANGULAR T). A text file must end
+    with a newline, a binary one with a whole record; values must be finite and, with `limit`, at
+    most that large: each is an InputError naming the line or record.
     """
     raw = _read_bytes(path)
     if not raw.strip():
@@ -377,6 +379,10 @@ def read_csr(path: str, n: int, upper_triangular: bool = False, binary=None):
         i, j, v = d["i"].astype(np.int64), d["j"].astype(np.int64), d["v"].astype(np.float64)
         unit = "record"
     else:
+        if not raw.endswith(b"\n"):
+            k = raw.count(b"\n") + 1
+            raise InputError(f"{path}:{k}: the last line has no newline: the file was cut short inside a record "
+                             "(an interrupted copy or a full disk); re-copy it or re-run CP2K")
         lines = raw.splitlines()
         while lines and not lines[-1].strip():
             lines.pop()
@@ -410,6 +416,11 @@ def read_csr(path: str, n: int, upper_triangular: bool = False, binary=None):
     if len(bad):
         raise InputError(f"{path}: {unit} {bad[0] + 1}: value {v[bad[0]]} is not finite; the run diverged "
                          "or the file is corrupt")
+    if limit is not None:
+        bad = np.flatnonzero(np.abs(v) > limit)
+        if len(bad):
+            raise InputError(f"{path}: {unit} {bad[0] + 1}: value {v[bad[0]]:.3e} is beyond any physical matrix "
+                             f"element (|value| <= {limit:g} in the file's units); the file is corrupt")
     i, j = i - 1, j - 1
     if upper_triangular:
         off = i != j
@@ -419,8 +430,12 @@ def read_csr(path: str, n: int, upper_triangular: bool = False, binary=None):
 
 def cp2k_wrap_offsets(positions, cell, pbc) -> np.ndarray:
     """n = ANINT(s) per atom (Fortran ANINT: halves away from zero) on periodic axes: CP2K's
-    wrapped fractional position is s − n."""
-    s = np.linalg.solve(np.asarray(cell, np.float64).T, np.asarray(positions, np.float64).T).T
+    wrapped fractional position is s − n. Zero on open axes (a molecule without a cell: all zero)."""
+    pbc = np.asarray(pbc, bool)
+    positions = np.asarray(positions, np.float64)
+    if not pbc.any():
+        return np.zeros((len(positions), 3), np.int64)
+    s = np.linalg.lstsq(np.asarray(cell, np.float64).T, positions.T, rcond=None)[0].T
     n = np.sign(s) * np.floor(np.abs(s) + 0.5)
     return (n * np.asarray(pbc, bool)).astype(np.int64)
 
@@ -440,11 +455,17 @@ def symmetrize(images: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- run folders
+# |value| bounds of a sane file (Hartree for KS): beyond any matrix element (all-electron core levels of
+# heavy atoms reach ~1e4 Ha), far below garbage such as 1e300
+VALUE_LIMIT = {"KS": 1e6, "S": 1e6}
+
+
 def _image_files(run_dir, project, prefix, table, n, upper, matrix_name):
-    """{CP2K image vector: COO} of one matrix of a run."""
+    """({CP2K image vector: COO}, Γ-only?, {image vector: file}) of one matrix of a run."""
+    lim = VALUE_LIMIT[prefix]
     g = _find(run_dir, f"{project}-{prefix}_SPIN_1-1_0.csr")
     if g is not None:
-        return {(0, 0, 0): read_csr(g, n, upper)}, True
+        return {(0, 0, 0): read_csr(g, n, upper, limit=lim)}, True, {(0, 0, 0): g}
     first = _find(run_dir, f"{project}-{prefix}_SPIN_1_R_1-1_0.csr")
     if first is None:
         raise InputError(f"{run_dir}: no {matrix_name} file {project}-{prefix}_SPIN_1-1_0.csr[.gz|.xz] nor "
@@ -455,14 +476,71 @@ def _image_files(run_dir, project, prefix, table, n, upper, matrix_name):
     if upper:
         raise InputError(f"{run_dir}: UPPER_TRIANGULAR T with REAL_SPACE images loses M(R) for R != 0; "
                          "rerun with UPPER_TRIANGULAR F")
-    out = {}
+    out, files = {}, {}
     for idx, R in table.items():
         f = _find(run_dir, f"{project}-{prefix}_SPIN_1_R_{idx}-1_0.csr")
         if f is None:
             raise InputError(f"{run_dir}: image {idx} {R} of the .out table has no file "
                              f"{project}-{prefix}_SPIN_1_R_{idx}-1_0.csr[.gz|.xz]; copy the whole run folder")
-        out[R] = read_csr(f, n, False)
-    return out, False
+        out[R] = read_csr(f, n, False, limit=lim)
+        files[R] = f
+    return out, False, files
+
+
+def check_images(images: dict, files: dict, n: int, kind: str, gamma_only: bool, atom_of_ao=None) -> None:
+    """Cheap physics checks of one matrix as read (file units, CP2K AO order and image vectors):
+    the R = 0 image holds every onsite diagonal element (non-zero; S(0) normalised to 1 for
+    real-space runs), M(−R) = M(R)ᵀ up to the grid noise CP2K leaves, and S(Γ) is positive definite.
+    A file cut at a record boundary, an empty R = 0 file or swapped files fail here."""
+    mats = {R: sp.csr_matrix((v, (i, j)), shape=(n, n)) for R, (i, j, v) in images.items()}
+    R0 = (0, 0, 0)
+    f0 = files.get(R0, "the R = 0 file")
+    if R0 not in mats or mats[R0].nnz == 0:
+        raise InputError(f"{f0}: the R = 0 {kind} matrix is empty, but it always holds the onsite blocks; the "
+                         "file is missing its data (re-copy it or re-run CP2K)")
+    diag = mats[R0].diagonal()
+    missing = np.flatnonzero(diag == 0)
+    if len(missing):
+        where = f" (atom {atom_of_ao[missing[0]] + 1})" if atom_of_ao is not None else ""
+        raise InputError(f"{f0}: {len(missing)} onsite diagonal element(s) of {kind} are missing or zero, first "
+                         f"orbital {missing[0] + 1}{where}; the file was cut short or damaged")
+    if kind == "S" and not gamma_only and np.abs(diag - 1.0).max() > 1e-4:
+        k = int(np.argmax(np.abs(diag - 1.0)))
+        raise InputError(f"{f0}: S(R=0) diagonal element {k + 1} is {diag[k]:.6f}, not 1 (CP2K's contracted "
+                         "functions are normalised); the file is damaged or not an overlap matrix")
+    tol = 1e-5 if kind == "KS" else 1e-6  # Hartree / unitless: Γ grid noise is <= 2.1e-7 Ha in our data
+    for R, M in mats.items():
+        mR = tuple(-x for x in R)
+        if mR < R and mR in mats:
+            continue  # each pair (R, −R) once
+        other = mats.get(mR)
+        if other is None:
+            if mR == R or M.nnz == 0:
+                other = sp.csr_matrix((n, n)) if mR != R else M
+            else:
+                raise InputError(f"{files.get(R)}: image {R} has no partner {mR} in the .out table; the image "
+                                 "table and the files do not belong together")
+        d = abs(M - other.T)
+        if d.nnz and d.max() > tol:
+            r, c = (d == d.max()).nonzero()
+            raise InputError(f"{files.get(R)}: {kind}(R={R}) and {kind}(R={mR})ᵀ differ by {d.max():.3e} at "
+                             f"({r[0] + 1}, {c[0] + 1}) (tolerance {tol:g}); a file is cut short, damaged or swapped")
+    if kind == "S" and n > 4000:
+        from ..errors import warn_once
+
+        warn_once("s-gamma-pd", f"egnn: S(Γ) of runs with more than 4000 orbitals ({f0}) is not checked for "
+                  "positive definiteness (a dense factorisation would cost more than reading the run)")
+    if kind == "S" and n <= 4000:
+        import scipy.linalg
+
+        G = sum(mats.values()).toarray()
+        G = 0.5 * (G + G.T)
+        try:
+            scipy.linalg.cholesky(G, lower=True, check_finite=False)  # ~3x cheaper than eigenvalues
+        except np.linalg.LinAlgError:
+            w = np.linalg.eigvalsh(G)[0]
+            raise InputError(f"{f0}: S(Γ) = Σ_R S(R) is not positive definite (smallest eigenvalue {w:.3e}); an "
+                             "overlap matrix always is: the files are damaged or incomplete") from None
 
 
 def _to_our_shifts(images: dict, atom_of_ao, wrap, n, scale, T) -> dict:
@@ -536,7 +614,8 @@ def read_run(run_dir: str, basis_file=None, matrices=("H", "S"), symmetrise: boo
     result, gamma_flags = {}, []
     for name in matrices:
         prefix, scale = {"H": ("KS", HARTREE_EV), "S": ("S", 1.0)}[name]
-        raw, gamma = _image_files(run_dir, P, prefix, out.images.get(prefix), n, inp.upper_triangular, name)
+        raw, gamma, files = _image_files(run_dir, P, prefix, out.images.get(prefix), n, inp.upper_triangular, name)
+        check_images(raw, files, n, prefix, gamma, atom_of_ao)
         gamma_flags.append(gamma)
         M = _to_our_shifts(raw, atom_of_ao, np.zeros_like(wrap) if gamma else wrap, n, scale, T)
         result[name] = symmetrize(M) if symmetrise else M
@@ -575,18 +654,35 @@ def write_csr(path: str, matrix, basis=None, numbers=None, *, kind: str = "H", b
     keep = np.abs(v) >= threshold if threshold > 0 else np.ones(len(v), bool)
     if upper_triangular:
         keep &= i <= j
-    i, j, v = i[keep], j[keep], v[keep]
-    order = np.lexsort((j, i))
-    i, j, v = i[order] + 1, j[order] + 1, v[order]
-    if binary:
-        rec = np.empty(len(v), dtype=_RECORD)
-        rec["m1"], rec["i"], rec["j"], rec["v"], rec["m2"] = 16, i, j, v, 16
-        data = rec.tobytes()
-    else:
-        data = "".join(f"{a:8d}{b:8d}{c:23.14E}\n" for a, b, c in zip(i.tolist(), j.tolist(), v.tolist())).encode()
+    data = _records(i[keep], j[keep], v[keep], binary)
     tmp = path + ".part"
     opener = gzip.open if path.endswith(".gz") else lzma.open if path.endswith(".xz") else open
     with opener(tmp, "wb") as fh:
         fh.write(data)
     os.replace(tmp, path)
+    return int(keep.sum())
+
+
+def _records(i, j, v, binary: bool) -> bytes:
+    """CP2K .csr records of 0-based (i, j, v), sorted by (i, j): binary (24-byte Fortran records)
+    or text ('(2(I8),E23.14E3)'-compatible lines)."""
+    order = np.lexsort((j, i))
+    i, j, v = np.asarray(i, np.int64)[order] + 1, np.asarray(j, np.int64)[order] + 1, np.asarray(v)[order]
+    if binary:
+        rec = np.empty(len(v), dtype=_RECORD)
+        rec["m1"], rec["i"], rec["j"], rec["v"], rec["m2"] = 16, i, j, v, 16
+        return rec.tobytes()
+    return "".join(f"{a:8d}{b:8d}{c:23.14E}\n" for a, b, c in zip(i.tolist(), j.tolist(), v.tolist())).encode()
+
+
+def append_csr(path: str, rows, cols, values, *, kind: str = "H", binary: bool = False) -> int:
+    """Append records (0-based global rows and columns, values in eV for kind "H") to a CP2K .csr
+    file, in (row, col) order: blocks of rows appended in ascending order give a valid file."""
+    if kind not in ("H", "S"):
+        raise InputError(f"append_csr: kind must be 'H' or 'S', not {kind!r}")
+    v = np.asarray(values, np.float64)
+    if not np.isfinite(v).all():
+        raise InputError(f"append_csr {path}: values hold NaN/Inf; nothing written")
+    with open(path, "ab") as fh:
+        fh.write(_records(rows, cols, v / HARTREE_EV if kind == "H" else v, binary))
     return len(v)

@@ -90,7 +90,7 @@ class InteractionLayer(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
     @torch.no_grad()
-    def forward_chunked(self, x, e, src, dst, rot, chunks, edge_features, exchange=_identity):
+    def forward_chunked(self, x, e, src, dst, rot, chunks, edge_features, exchange=_identity, progress=None):
         """Inference with bounded memory: the same result as forward, but messages are built for one
         edge range at a time. Ranges must start and end on destination boundaries (edges are sorted
         by dst), so every softmax segment lies in one chunk. `edge_features(a, b)` returns
@@ -106,6 +106,8 @@ class InteractionLayer(nn.Module):
                                          self.edge_norm(e[a:b]), rbf)
                 part = self.aggregate(self.alpha(extra), v * env.view(-1, 1, 1), d, n)
                 agg = part if agg is None else agg.add_(part)
+                if progress:
+                    progress(0.5)
             if agg is None:
                 agg = torch.zeros_like(x)
             x = self._node_update(x, agg)
@@ -117,4 +119,6 @@ class InteractionLayer(nn.Module):
                 u, _ = self.edge_msg(rot, D, xn.index_select(0, s), xn.index_select(0, d),
                                      self.edge_norm(e[a:b]), rbf)
                 e[a:b] += u * env.view(-1, 1, 1)
+                if progress:
+                    progress(0.5)
         return x, e

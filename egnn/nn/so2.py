@@ -89,8 +89,8 @@ class EdgeRotation(nn.Module):
         """The per-l blocks (an `EdgeFrame`: a list that also holds edge_vec and roll). `roll` [E]
         (radians) turns each frame about its edge axis."""
         lazy = _backend.resolve(self.backend, edge_vec.device, self.lmax, edge_vec.dtype) == "triton"
-        if lazy:
-            so3._check_vectors(edge_vec)
+        if lazy:  # validated once per edge_vec tensor (no host sync per call, none under graph capture)
+            kernels.ops.check_once("edge_vec", edge_vec, so3._check_vectors)
         return EdgeFrame(edge_vec, self.lmax, lazy, roll)
 
     def to_edge(self, x: torch.Tensor, D: list[torch.Tensor]) -> torch.Tensor:
