@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 
 from .comm import HaloExchange, HaloPlan, PhaseTimer, build_plans
-from .errors import ConfigError, DistributedError
+from .errors import ConfigError, DistributedError, EgnnError
 from .train import Sample, Trainer, fold_edges
 
-__all__ = ["DistInfo", "init_distributed", "world", "local_inputs", "local_sample", "check_plans",
+__all__ = ["DistInfo", "init_distributed", "world", "agree", "local_inputs", "local_sample", "check_plans",
            "partition_sample", "DistributedTrainer", "predict_distributed", "output_chunks", "timing_report",
            "ProfilerWindow",
            "PARTITION_KEYS"]
@@ -107,6 +107,26 @@ def _collective(fn, what: str):
     except (RuntimeError, TimeoutError) as exc:
         raise DistributedError(f"distributed run: {what} failed or timed out ({exc}); a rank died or "
                                "is stuck elsewhere. Check the other ranks' logs") from None
+
+
+def agree(check, group=None) -> None:
+    """Run `check()` on every rank and share the outcome: if it raised an EgnnError on any rank, every
+    rank raises it (the lowest failing rank's error; other ranks name that rank), so no rank goes on
+    alone to wait for peers that stopped. Without a process group it is just `check()`."""
+    rank, size = world(group)
+    if size == 1:
+        return check()
+    try:
+        check()
+        mine = None
+    except EgnnError as exc:
+        mine = exc
+    got = [None] * size
+    _collective(lambda: dist.all_gather_object(got, mine, group=group), "sharing the checks before work")
+    failed = [(r, e) for r, e in enumerate(got) if e is not None]
+    if failed:
+        r, exc = failed[0]
+        raise exc if r == rank else type(exc)(f"rank {r}: {exc}")
 
 
 def check_plans(plan: HaloPlan, group=None) -> None:

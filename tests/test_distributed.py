@@ -230,6 +230,21 @@ def _worker(rank, world_size, port, outdir, port2=None):
         rep = predict_to_files(m, structure_atoms(), os.path.join(outdir, "rows4"), "sic", ("rows",), edge_chunk=40,
                                partition="low-nn", check_memory=False)
         rec["rows4"] = None if rep is None else rep["files"]
+        # a check before work that fails on one rank only (e.g. its free memory) stops every rank
+        from egnn.distributed import agree
+        from egnn.errors import InputError
+
+        def check():
+            if rank == 2:
+                raise InputError("not enough memory here")
+
+        try:
+            agree(check)
+            rec["agree"] = "passed"
+        except InputError as exc:
+            rec["agree"] = str(exc)
+        agree(lambda: None)
+        rec["agree_ok"] = True
         rec["_tend"] = time.time()
         dist.barrier()
         dist.destroy_process_group()
@@ -370,6 +385,14 @@ def test_rank_written_rows_equal_the_single_process_files(records, run_dir, tmp_
     scale = max(abs(M).max() for M in single.values())
     for R in single:
         assert abs(single[R] - multi[R]).max() <= 1e-10 * scale
+
+
+def test_a_check_that_fails_on_one_rank_stops_every_rank(records):
+    """egnn predict's memory check under torchrun: each rank sees its own free memory; if one refuses,
+    all refuse (with that rank's message) instead of the others waiting for it."""
+    assert records[2]["agree"] == "not enough memory here"
+    assert all(records[r]["agree"] == "rank 2: not enough memory here" for r in (0, 1, 3))
+    assert all(rec["agree_ok"] for rec in records)
 
 
 def test_missing_rank_fails_with_egnn_error_within_timeout(run_dir):

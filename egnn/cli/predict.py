@@ -111,12 +111,18 @@ def run(args) -> int:
     from ..graph import radius_graph
     from ..predict import _check_fits, estimate
 
+    from ..distributed import agree
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not args.no_memory_check:
+
+    def fits():
         for path, atoms, stem in inputs:
             est = estimate(radius_graph(atoms, float(model.config.r_cut)), model, formats,
                            args.edge_chunk or DEFAULT_EDGE_CHUNK, args.with_overlap, world, args.binary)
             _check_fits(est, formats, path, args.output)
+
+    if not args.no_memory_check:
+        agree(fits)  # under torchrun every rank stops if one does (each sees its own free memory)
     overlap_basis = None
     if args.with_overlap:
         from ..predict import check_overlap_basis
