@@ -75,7 +75,8 @@ def run_one(n_atoms, ranks, args, work):
     with open(os.path.join(work, f"log_{n_atoms}_{ranks}.txt"), "w") as fh:  # the whole story, for failures
         fh.write(p.stderr)
     if p.returncode:
-        return {"atoms_target": n_atoms, "ranks": ranks, "error": p.stderr[-4000:], "wall_s": wall,
+        why = [ln for ln in p.stderr.splitlines() if "error:" in ln or "Error:" in ln]  # egnn's one line first
+        return {"atoms_target": n_atoms, "ranks": ranks, "error": (why[0] if why else p.stderr[-4000:]), "wall_s": wall,
                 "log": os.path.join(work, f"log_{n_atoms}_{ranks}.txt")}
     rep = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
     s = rep["structures"][0]
