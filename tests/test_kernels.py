@@ -128,6 +128,42 @@ def test_so2_linear_matches_twin_and_module(lmax, mmax, cin, cout, extra, sizes)
             assert rel(a, r) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["ml", "row"])
+def test_so2_linear_scale_layouts_and_extra_first_match_twin(kind):
+    """fairchem's layouts: a per-(m, l) (or per-row) radial scale and the extra outputs first."""
+    lmax, mmax, cin, cout, extra, E = 3, 2, 8, 6, 5, 40
+    torch.manual_seed(2)
+    lin = SO2Linear(lmax, mmax, cin, cout, extra_scalars=extra, backend="torch", extra_first=True)
+    KM = len(so3.l_to_m_major(lmax, mmax))
+    x, scale = torch.randn(E, KM, cin), torch.rand(E, twin.num_ml(lmax, mmax) if kind == "ml" else KM, cin)
+
+    def fn(b, x, scale, w0, b0, *ws):
+        return so2_linear(x, scale, w0, b0, list(ws), lmax, mmax, cout, backend=b, extra_first=True)
+
+    tri, ref = run_both(fn, [x, scale, lin.m0.weight, lin.m0.bias, *lin.w])
+    for a, r in zip(tri, ref):
+        assert rel(a, r) < 1e-5
+    y, ex = lin(x, scale)
+    assert rel(ref[0], y) < 1e-6 and rel(ref[1], ex) < 1e-6
+
+
+def test_rescaled_rotate_back_matches_twin():
+    """EquiformerV2's rotate-back rescale, alone and fused into the aggregation."""
+    lmax, mmax, N, E = 3, 1, 5, 30
+    _, dst, vec = graph(N, E, seed=2)
+    y = torch.randn(E, len(so3.l_to_m_major(lmax, mmax)), 4)
+    for fn, ins in ((lambda b, y, v: rotate_back(y, v, lmax, mmax, backend=b, rescale=True), [y, vec]),
+                    (lambda b, y, lg, v: attention_aggregate(y, lg, dst, N, v, lmax, mmax, backend=b, rescale=True),
+                     [y, torch.randn(E, 2), vec])):
+        tri, ref = run_both(fn, ins)
+        for a, r in zip(tri, ref):
+            assert rel(a, r) < 1e-5
+    plain = rotate_back(y, vec, lmax, mmax, backend="triton")
+    scaled = rotate_back(y, vec, lmax, mmax, backend="triton", rescale=True)
+    f = torch.tensor([1.0] * 4 + [(5 / 3) ** 0.5] * 5 + [(7 / 3) ** 0.5] * 7)
+    assert rel(scaled, plain * f[None, :, None]) < 1e-6
+
+
 @GPU_SIZES
 @pytest.mark.parametrize("rotated,K,C,heads", [(True, None, 16, 2), (False, 9, 130, 2), (True, None, 8, 1),
                                                (False, 5, 6, 3)])

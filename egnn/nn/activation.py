@@ -55,7 +55,7 @@ def s2_grid(lmax: int, mmax: int, resolution: tuple[int, int] | None = None, res
                           for l in so3.l_to_m_major(lmax, mmax).float().sqrt().floor().long().tolist()],
                          dtype=torch.float64)
         to_grid, from_grid = to_grid * f, from_grid * f[:, None]
-    return to_grid.float(), from_grid.float()
+    return to_grid, from_grid  # float64: cast with the module (.to(dtype)) or on use
 
 
 class S2Activation(nn.Module):
