@@ -235,10 +235,15 @@ def rotate_to_m_major(x: torch.Tensor, D: list[torch.Tensor], mmax: int) -> torc
     D^l[rows |m| <= mmax] only: (2·min(l, mmax)+1) × (2l+1) per degree instead of (2l+1)². D may hold
     the full blocks or the reduced ones (e.g. another model's m-truncated Wigner matrices)."""
     lmax = len(D) - 1
-    keep, to_m, _ = _reduced_plan(lmax, mmax)
+    keep, _, from_m = _reduced_plan(lmax, mmax)
     xs = x.split([2 * l + 1 for l in range(lmax + 1)], dim=1)  # split, not slices: one cat in backward
-    out = torch.cat([_rows(D[l], a, n) @ xs[l] for l, (a, n) in enumerate(keep)], dim=1)
-    return out.index_select(1, to_m.to(x.device))
+    parts = [_rows(D[l], a, n) @ xs[l] for l, (a, n) in enumerate(keep)]
+    # each degree's rows straight to their m-major places: one copy (a cat and a reorder would be two)
+    out = parts[0].new_empty(x.shape[0], len(from_m), parts[0].shape[-1])
+    pos = from_m.to(x.device).split([n for _, n in keep])
+    for p, part in zip(pos, parts):
+        out.index_copy_(1, p, part)
+    return out
 
 
 def rotate_from_m_major(y: torch.Tensor, D: list[torch.Tensor], mmax: int) -> torch.Tensor:
@@ -246,7 +251,7 @@ def rotate_from_m_major(y: torch.Tensor, D: list[torch.Tensor], mmax: int) -> to
     (the dropped rows count as zero), with the reduced blocks (D full or reduced, as above)."""
     lmax = len(D) - 1
     keep, _, from_m = _reduced_plan(lmax, mmax)
-    ys = y.index_select(1, from_m.to(y.device)).split([n for _, n in keep], dim=1)
+    ys = [y.index_select(1, p) for p in from_m.to(y.device).split([n for _, n in keep])]
     return torch.cat([_rows(D[l], a, n).transpose(-1, -2) @ ys[l] for l, (a, n) in enumerate(keep)], dim=1)
 
 

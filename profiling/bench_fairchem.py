@@ -1,6 +1,6 @@
 """egnn's swapped layers vs fairchem's own, one eSCN-MD / UMA message-passing block (Edgewise), in
 the same process: time ratios (interleaved rounds, median of the per-round ratios) and what
-autograd keeps per edge.
+autograd keeps per edge beyond the block's inputs.
 
 For each (lmax, mmax, channels): a one-layer UMA backbone on an FCC copper supercell; the block's
 real inputs (node embeddings, radial features, fairchem's Wigner matrices with their graph to the
@@ -116,9 +116,12 @@ def main(argv=None):
                         r[f"{k}_{mode}_s"] = statistics.median(t[k])
                         if k != "fc":
                             r[f"{k}_{mode}_ratio"] = statistics.median(x / y for x, y in zip(t[k], t["fc"]))
-                for k, layer in paths.items():  # what a training forward leaves for its backward
+                for k, layer in paths.items():  # what a training forward leaves for its backward, beyond
+                    # the block's inputs (node embeddings, radial features, Wigner matrices: the model
+                    # holds them anyway, the Wigner matrices once for all blocks)
                     nbytes, _ = saved_activation_bytes(lambda *i, layer=layer: forward_with_grad(layer, i, target, n),
-                                                       *ins, exclude=list(layer.parameters()))
+                                                       *ins, exclude=list(layer.parameters()) +
+                                                       [t for t in ins if t.is_floating_point()])
                     r[f"{k}_saved_B_per_edge"] = nbytes / E
                 rows.append(r)
                 print(f"{lmax:>4} {mmax:>4} {C:>4} {E:>6}  {r['egnn_fwd_ratio']:>5.2f} {r['egnn_fwdbwd_ratio']:>5.2f} "

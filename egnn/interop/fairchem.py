@@ -8,10 +8,13 @@
 What is swapped: every `fairchem.core.models.uma.escn_md_block.Edgewise` (the SO(2) message passing
 of an eSCN-MD / UMA block: gather [x_src | x_dst], rotate into the edge frame, SO(2) convolution
 with per-(m, l) radial weights, gate or separable-S2 activation, SO(2) convolution, rotate back
-with the envelope, sum onto the targets) becomes a `UMAEdgewise`: egnn.kernels' rotate_to_edge
-(reduced Wigner blocks, rows |m| <= mmax only), `egnn.nn.SO2Convolution` (fairchem's weights,
-extra outputs first, radial scale fused into the SO(2) linear), rotate_back and an index_add, in
-one recompute region (memory-lean: autograd keeps the block's inputs, not its per-edge activations).
+with the envelope, sum onto the targets) becomes a `UMAEdgewise`: the rotation into the edge frame
+(rows |m| <= mmax only), `egnn.nn.SO2Convolution` (fairchem's weights, extra outputs first, radial
+scale fused into the SO(2) linear), the rotation back and an index_add, in one recompute region
+(memory-lean: autograd keeps the block's inputs, not its per-edge activations). The rotations are
+egnn.kernels' rotate_to_edge / rotate_back on the Triton backend (frames rebuilt from the edge
+directions inside the kernels), and one batched GEMM with fairchem's own reduced m-major matrices
+on the PyTorch backend.
 
 The frames: fairchem blocks receive Wigner matrices, not edge vectors. The l = 1 block of the Wigner
 matrix is the frame's rotation itself, so `frames_from_wigner` reads the edge direction (with its
@@ -28,7 +31,6 @@ EquiformerV2 (fairchem 1.x) is not swapped by this module: its layers map onto e
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import nn
@@ -77,30 +79,6 @@ def frames_from_wigner(wigner: torch.Tensor, wigner_inv_envelope: torch.Tensor, 
         R = wigner[:, rows, 1:4]
         _, roll = frame_roll(R)
     return vec, roll, wigner_inv_envelope[:, 0, 0]
-
-
-@functools.lru_cache(maxsize=None)
-def _block_index(lmax: int, mmax: int) -> list[tuple[torch.Tensor, int]]:
-    """Per degree l: the m-major rows of its kept (l, m), m ascending, and its first l-major column."""
-    perm = so3.l_to_m_major(lmax, mmax).tolist()
-    out = []
-    for l in range(lmax + 1):
-        k = min(l, mmax)
-        out.append((torch.tensor([perm.index(l * l + l + m) for m in range(-k, k + 1)]), l * l))
-    return out
-
-
-def wigner_blocks(wigner: torch.Tensor, wigner_inv_envelope: torch.Tensor, lmax: int, mmax: int):
-    """fairchem's m-major Wigner matrices as egnn's reduced per-l blocks: (D [E, 2·min(l,mmax)+1,
-    2l+1] per l for the rotation in, and the enveloped inverse as the same blocks for the rotation
-    back). Differentiable: forces flow through fairchem's own Wigner computation."""
-    fwd, back = [], []
-    for rows, c in _block_index(lmax, mmax):
-        rows = rows.to(wigner.device)
-        n = 2 * math.isqrt(c) + 1  # 2l+1 (c = l²)
-        fwd.append(wigner.index_select(1, rows).narrow(2, c, n))
-        back.append(wigner_inv_envelope.index_select(2, rows).narrow(1, c, n).transpose(-1, -2))
-    return fwd, back
 
 
 def _linear(mod, what):
@@ -174,7 +152,7 @@ class UMAEdgewise(nn.Module):
             # the kernels rebuild each frame from its direction and roll: fairchem's matrices are not read
             vec, roll, env = frames_from_wigner(wigner, wigner_inv_envelope, self.lmax, self.mmax)
             ins, run = (x, x_edge, vec, env, roll, src, dst, target), self._messages_triton
-        else:  # PyTorch: fairchem's own Wigner matrices, reduced per-l blocks (no frames rebuilt)
+        else:  # PyTorch: fairchem's own (reduced, m-major) Wigner matrices, no frames rebuilt
             ins, run = (x, x_edge, wigner, wigner_inv_envelope, src, dst, target), self._messages_torch
         run = functools.partial(run, x.shape[0])
         if not self.memory_lean:
@@ -192,10 +170,11 @@ class UMAEdgewise(nn.Module):
                              target)
 
     def _messages_torch(self, n, x, x_edge, wigner, wigner_inv_envelope, src, dst, target):
-        D, Dback = wigner_blocks(wigner, wigner_inv_envelope, self.lmax, self.mmax)
+        # fairchem's matrices are already the reduced Wigner-D (rows |m| <= mmax, m-major): one
+        # batched GEMM each way beats per-degree blocks plus a reorder on CPU (profiling/bench_fairchem.py)
         msg = kernels._torch_impl.gather_message(x, None, src, dst)
-        y, _ = self.conv(so3.rotate_to_m_major(msg, D, self.mmax), self.rad_func(x_edge))
-        return self._scatter(n, so3.rotate_from_m_major(y, Dback, self.mmax), target)
+        y, _ = self.conv(torch.bmm(wigner, msg), self.rad_func(x_edge))
+        return self._scatter(n, torch.bmm(wigner_inv_envelope, y), target)
 
 
 def _replace(model: nn.Module, match, make) -> int:

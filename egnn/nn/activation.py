@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 
 class GateActivation(nn.Module):
     """x [rows, K, C] (l-major or m-major, given by `row_l`, the degree of each row) and
@@ -16,8 +18,11 @@ class GateActivation(nn.Module):
 
     def __init__(self, row_l: torch.Tensor, lmax: int, channels: int):
         super().__init__()
+        if (row_l == 0).nonzero().flatten().tolist() != [0]:
+            raise InputError("GateActivation: row 0 must be the only l = 0 row (l-major and m-major orders)")
         self.lmax, self.channels = lmax, channels
         self.register_buffer("row_l", row_l.clone(), persistent=False)
+        self.register_buffer("gate_row", row_l[1:] - 1, persistent=False)  # gate of each row l > 0
 
     @property
     def num_gates(self) -> int:
@@ -26,11 +31,9 @@ class GateActivation(nn.Module):
     num_scalars = num_gates
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(gates).view(-1, self.lmax, self.channels)
-        g = torch.cat([torch.ones_like(g[:, :1]), g], dim=1)  # row for l = 0 (unused)
-        g = g.index_select(1, self.row_l)
-        scalar = self.row_l == 0
-        return torch.where(scalar[None, :, None], torch.nn.functional.silu(x), x * g)
+        g = torch.sigmoid(gates).view(-1, self.lmax, self.channels).index_select(1, self.gate_row)
+        x0, rest = x.split([1, x.shape[1] - 1], dim=1)
+        return torch.cat([torch.nn.functional.silu(x0), rest * g], dim=1)
 
 
 def s2_grid(lmax: int, mmax: int, resolution: tuple[int, int] | None = None, rescale: bool = False):
