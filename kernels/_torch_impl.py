@@ -28,7 +28,7 @@ def gather_message(x, e, src, dst):
     """[x_src | x_dst | e] along channels (x and/or e may be None)."""
     parts = []
     if x is not None:
-        parts += [x.index_select(0, src), x.index_select(0, dst)]
+        parts += [x[src], x[dst]]  # indexing, not index_select: its backward (index_put) is ~2x faster on CPU
     if e is not None:
         parts.append(e)
     return torch.cat(parts, dim=-1)
