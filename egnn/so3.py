@@ -225,40 +225,48 @@ def _reduced_plan(lmax: int, mmax: int):
     return keep, to_m, from_m
 
 
+def _rows(Dl: torch.Tensor, a: int, n: int) -> torch.Tensor:
+    """The rows |m| <= mmax of a Wigner block given in full (2l+1 rows) or already reduced (n rows)."""
+    return Dl if Dl.shape[-2] == n else Dl.narrow(-2, a, n)
+
+
 def rotate_to_m_major(x: torch.Tensor, D: list[torch.Tensor], mmax: int) -> torch.Tensor:
     """The rows |m| <= mmax of D x in m-major order ([E, K_m, C]), computed with the reduced blocks
-    D^l[rows |m| <= mmax] only: (2·min(l, mmax)+1) × (2l+1) per degree instead of (2l+1)²."""
+    D^l[rows |m| <= mmax] only: (2·min(l, mmax)+1) × (2l+1) per degree instead of (2l+1)². D may hold
+    the full blocks or the reduced ones (e.g. another model's m-truncated Wigner matrices)."""
     lmax = len(D) - 1
-    keep, to_m, _ = _reduced_plan(lmax, mmax)
-    out = torch.cat([D[l].narrow(-2, a, n) @ x[:, l * l:(l + 1) ** 2] for l, (a, n) in enumerate(keep)], dim=1)
-    return out.index_select(1, to_m.to(x.device))
+    keep, _, from_m = _reduced_plan(lmax, mmax)
+    xs = x.split([2 * l + 1 for l in range(lmax + 1)], dim=1)  # split, not slices: one cat in backward
+    parts = [_rows(D[l], a, n) @ xs[l] for l, (a, n) in enumerate(keep)]
+    # each degree's rows straight to their m-major places: one copy (a cat and a reorder would be two)
+    out = parts[0].new_empty(x.shape[0], len(from_m), parts[0].shape[-1])
+    pos = from_m.to(x.device).split([n for _, n in keep])
+    for p, part in zip(pos, parts):
+        out.index_copy_(1, p, part)
+    return out
 
 
 def rotate_from_m_major(y: torch.Tensor, D: list[torch.Tensor], mmax: int) -> torch.Tensor:
     """Dᵀ of m-major edge-frame rows |m| <= mmax ([E, K_m, C]) back to l-major [E, (lmax+1)², C]
-    (the dropped rows count as zero), with the reduced blocks."""
+    (the dropped rows count as zero), with the reduced blocks (D full or reduced, as above)."""
     lmax = len(D) - 1
     keep, _, from_m = _reduced_plan(lmax, mmax)
-    y = y.index_select(1, from_m.to(y.device))
-    out, row = [], 0
-    for l, (a, n) in enumerate(keep):
-        out.append(D[l].narrow(-2, a, n).transpose(-1, -2) @ y[:, row:row + n])
-        row += n
-    return torch.cat(out, dim=1)
+    ys = [y.index_select(1, p) for p in from_m.to(y.device).split([n for _, n in keep])]
+    return torch.cat([_rows(D[l], a, n).transpose(-1, -2) @ ys[l] for l, (a, n) in enumerate(keep)], dim=1)
 
 
 def turn_about_polar_axis(y: torch.Tensor, angle: torch.Tensor, lmax: int, mmax: int) -> torch.Tensor:
     """m-major edge-frame rows turned by `angle` [E] about the polar axis (the frame's roll): each
     (+m, −m) pair of rows maps to (cos mθ·y₊ − sin mθ·y₋, sin mθ·y₊ + cos mθ·y₋), exactly the
     rotation's Wigner-D in this basis; m = 0 rows are unchanged."""
-    parts, row = [y[:, :lmax + 1]], lmax + 1
+    sizes = [lmax + 1] + [lmax + 1 - m for m in range(1, mmax + 1) for _ in (0, 1)]
+    blocks = y.split(sizes, dim=1)
+    parts = [blocks[0]]
     for m in range(1, mmax + 1):
-        n = lmax + 1 - m
         c = torch.cos(m * angle).to(y.dtype).view(-1, 1, 1)
         s = torch.sin(m * angle).to(y.dtype).view(-1, 1, 1)
-        yp, ym = y[:, row:row + n], y[:, row + n:row + 2 * n]
+        yp, ym = blocks[2 * m - 1], blocks[2 * m]
         parts += [c * yp - s * ym, s * yp + c * ym]
-        row += 2 * n
     return torch.cat(parts, dim=1)
 
 

@@ -173,13 +173,13 @@ class _PackCache:
     def __init__(self):
         self._d: dict = {}
 
-    def get(self, w0, ws, dtype, transpose):
-        key = (id(w0), dtype, transpose)
+    def get(self, w0, ws, dtype, transpose, nx_first=0):
+        key = (id(w0), dtype, transpose, nx_first)
         stamp = (w0._version, *(w._version for w in ws))
         hit = self._d.get(key)
         if hit is not None and hit[0]() is w0 and all(r() is w for r, w in zip(hit[1], ws)) and hit[2] == stamp:
             return hit[3]
-        buf = _pack(w0, ws, dtype, transpose)
+        buf = _pack(w0, ws, dtype, transpose, nx_first)
         if len(self._d) > 256:
             self._d.clear()
         self._d[key] = (weakref.ref(w0), [weakref.ref(w) for w in ws], stamp, buf)
@@ -189,10 +189,13 @@ class _PackCache:
 _PACKS = _PackCache()
 
 
-def _pack(w0, ws, dtype, transpose):
+def _pack(w0, ws, dtype, transpose, nx_first=0):
     """One flat buffer of per-m [K_m, N_m] row-major GEMM weights: m = 0 is W0ᵀ (W0 for the
-    transposed pass), m > 0 is [[W1, W2], [−W2, W1]] (its transpose for the input gradient)."""
+    transposed pass), m > 0 is [[W1, W2], [−W2, W1]] (its transpose for the input gradient).
+    `nx_first` extra outputs at the top of W0 (fairchem's layout) are moved after the others."""
     with torch.no_grad():
+        if nx_first:
+            w0 = torch.cat([w0[nx_first:], w0[:nx_first]])
         parts = [w0.reshape(-1) if transpose else w0.t().reshape(-1)]
         for w in ws:
             half = w.shape[1] // 2
@@ -294,12 +297,14 @@ def _op_rotate_back(y, edge_vec, roll, lmax: int, mmax: int, use_triton: bool):
     return _from_edge(y, edge_vec, roll, lmax, mmax) if use_triton else twin.rotate_back(y, edge_vec, lmax, mmax, roll)
 
 
-def _op_so2_linear(x, scale, w0, b0, ws, lmax: int, mmax: int, cout: int, use_triton: bool):
+def _op_so2_linear(x, scale, w0, b0, ws, lmax: int, mmax: int, cout: int, use_triton: bool, extra_first: bool):
     if not use_triton:
-        y, extra = twin.so2_linear(x, scale, w0, b0, list(ws), lmax, mmax, cout)
+        y, extra = twin.so2_linear(x, scale, w0, b0, list(ws), lmax, mmax, cout, extra_first)
         return y, extra.contiguous()
     nx = w0.shape[0] - (lmax + 1) * cout
-    wbuf = _PACKS.get(w0, list(ws), x.dtype, False)
+    wbuf = _PACKS.get(w0, list(ws), x.dtype, False, nx if extra_first else 0)
+    if extra_first and b0 is not None:
+        b0 = torch.cat([b0[nx:], b0[:nx]])
     meta = _meta(lmax, mmax, x.shape[2], cout, nx, False, x.device)
     return _so2_launch(x, None, scale, wbuf, b0, meta, lmax, mmax, x.shape[2], cout, nx)
 
@@ -337,12 +342,12 @@ def _register_library_ops() -> dict:
 
     @lib.custom_op("egnn::so2_linear", mutates_args=())
     def so2_linear_op(x: Tensor, scale: Optional[Tensor], w0: Tensor, b0: Optional[Tensor], ws: list[Tensor],
-                      lmax: int, mmax: int, cout: int, use_triton: bool) -> tuple[Tensor, Tensor]:
-        y, extra = _op_so2_linear(x, scale, w0, b0, ws, lmax, mmax, cout, use_triton)
+                      lmax: int, mmax: int, cout: int, use_triton: bool, extra_first: bool) -> tuple[Tensor, Tensor]:
+        y, extra = _op_so2_linear(x, scale, w0, b0, ws, lmax, mmax, cout, use_triton, extra_first)
         return y.contiguous(), extra.contiguous()
 
     @so2_linear_op.register_fake
-    def _(x, scale, w0, b0, ws, lmax, mmax, cout, use_triton):
+    def _(x, scale, w0, b0, ws, lmax, mmax, cout, use_triton, extra_first):
         return x.new_empty((x.shape[0], x.shape[1], cout)), x.new_empty((x.shape[0], w0.shape[0] - (lmax + 1) * cout))
 
     @lib.custom_op("egnn::attention_aggregate", mutates_args=())
@@ -374,7 +379,7 @@ class _RotateToEdge(torch.autograd.Function):
     @staticmethod
     @nvtx.annotate("egnn/rotate_to_edge")
     def forward(ctx, x, e, src, dst, edge_vec, roll, lmax, mmax):
-        want_vec = ctx.needs_input_grad[4]
+        want_vec = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
         ctx.save_for_backward(src, dst, edge_vec, roll, x if want_vec else None, e if want_vec else None)
         ctx.meta = (lmax, mmax, None if x is None else x.shape[0], None if x is None else x.shape[-1])
         return OPS["rotate_to_edge"](x, e, src, dst, edge_vec, roll, lmax, mmax, True)
@@ -386,7 +391,7 @@ class _RotateToEdge(torch.autograd.Function):
         src, dst, edge_vec, roll, x, e = ctx.saved_tensors
         lmax, mmax, n, c = ctx.meta
         gm = OPS["rotate_back"](g.contiguous(), edge_vec, roll, lmax, mmax, True)
-        gx = ge = gv = None
+        gx = ge = gv = gr = None
         if c is not None and ctx.needs_input_grad[0]:
             acc = _acc(gm.dtype)
             gx = gm.new_zeros((n,) + gm.shape[1:-1] + (c,), dtype=acc)
@@ -394,22 +399,22 @@ class _RotateToEdge(torch.autograd.Function):
             gx = gx.to(gm.dtype)
         if ctx.needs_input_grad[1]:
             ge = gm[..., (0 if c is None else 2 * c):]
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             H = 0
             if c is not None:
                 H = twin.generator_dot(gm[..., :c], x.index_select(0, src), lmax) + \
                     twin.generator_dot(gm[..., c:2 * c], x.index_select(0, dst), lmax)
             if e is not None:
                 H = H + twin.generator_dot(gm[..., (0 if c is None else 2 * c):], e, lmax)
-            gv = twin.frame_grad(edge_vec, H, roll)
-        return gx, ge, None, None, gv, None, None, None
+            gv, gr = twin.frame_grad(edge_vec, H, roll)
+        return gx, ge, None, None, gv, gr, None, None
 
 
 class _RotateBack(torch.autograd.Function):
     @staticmethod
     @nvtx.annotate("egnn/rotate_back")
     def forward(ctx, y, edge_vec, roll, lmax, mmax):
-        ctx.save_for_backward(edge_vec, roll, y if ctx.needs_input_grad[1] else None)
+        ctx.save_for_backward(edge_vec, roll, y if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None)
         ctx.meta = (lmax, mmax)
         return OPS["rotate_back"](y, edge_vec, roll, lmax, mmax, True)
 
@@ -423,33 +428,33 @@ class _RotateBack(torch.autograd.Function):
         none = edge_vec.new_zeros(0, dtype=torch.int64)
         gy = OPS["rotate_to_edge"](None, g, none, none, edge_vec, roll, lmax, mmax, True) if ctx.needs_input_grad[0] \
             else None
-        gv = None
-        if ctx.needs_input_grad[1]:  # out = Dᵀ y: a left turn ε changes it by −ε·L out
+        gv = gr = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # out = Dᵀ y: a left turn ε changes it by −ε·L out
             out = OPS["rotate_back"](y, edge_vec, roll, lmax, mmax, True)
-            gv = twin.frame_grad(edge_vec, -twin.generator_dot(g, out, lmax), roll)
-        return gy, gv, None, None, None
+            gv, gr = twin.frame_grad(edge_vec, -twin.generator_dot(g, out, lmax), roll)
+        return gy, gv, gr, None, None
 
 
 class _SO2Linear(torch.autograd.Function):
     @staticmethod
     @nvtx.annotate("egnn/so2_linear")
-    def forward(ctx, x, scale, w0, b0, lmax, mmax, cout, *ws):
+    def forward(ctx, x, scale, w0, b0, lmax, mmax, cout, extra_first, *ws):
         ctx.save_for_backward(x, scale, w0, *ws)
-        ctx.meta = (lmax, mmax, cout, b0 is not None)
-        return OPS["so2_linear"](x, scale, w0, b0, list(ws), lmax, mmax, cout, True)
+        ctx.meta = (lmax, mmax, cout, b0 is not None, extra_first)
+        return OPS["so2_linear"](x, scale, w0, b0, list(ws), lmax, mmax, cout, True, extra_first)
 
     @staticmethod
     @once_differentiable
     @nvtx.annotate("egnn/so2_linear/backward")
     def backward(ctx, gy, gextra):
         x, scale, w0, *ws = ctx.saved_tensors
-        lmax, mmax, cout, has_bias = ctx.meta
+        lmax, mmax, cout, has_bias, extra_first = ctx.meta
         E, _, cin = x.shape
         n0 = lmax + 1
         gy, gextra = gy.contiguous(), gextra.contiguous()
         nx = gextra.shape[1]
         # input gradient: the same grouped GEMM on the transposed per-m weights
-        wbuf = _PACKS.get(w0, ws, x.dtype, True)
+        wbuf = _PACKS.get(w0, ws, x.dtype, True, nx if extra_first else 0)
         meta = _meta(lmax, mmax, cin, cout, nx, True, x.device)
         gxs, _ = _so2_launch(gy, gextra if nx else None, None, wbuf, None, meta, lmax, mmax, cout, cin, 0)
         xs = x if scale is None else x * scale
@@ -457,7 +462,8 @@ class _SO2Linear(torch.autograd.Function):
         gs = None if scale is None else (gxs.float() * x.float()).sum(1, keepdim=True).to(scale.dtype)
         # weight gradients: per-m GEMMs reduced over edges (cuBLAS does these best)
         acc = _acc(w0.dtype)
-        g0 = torch.cat([gy[:, :n0].reshape(E, -1), gextra], 1).to(acc)
+        g0 = [gy[:, :n0].reshape(E, -1), gextra]
+        g0 = torch.cat(g0[::-1] if extra_first else g0, 1).to(acc)
         gw0 = g0.t() @ xs[:, :n0].reshape(E, -1).to(acc)
         gb = g0.sum(0) if has_bias else None
         gws, row = [], n0
@@ -468,7 +474,7 @@ class _SO2Linear(torch.autograd.Function):
             gm = gy[:, row + n:row + 2 * n].reshape(E, -1).to(acc)
             gws.append(torch.cat([a.t() @ gp + b.t() @ gm, a.t() @ gm - b.t() @ gp], 1).to(ws[m - 1].dtype))
             row += 2 * n
-        return (gx, gs, gw0.to(w0.dtype), None if gb is None else gb.to(w0.dtype), None, None, None, *gws)
+        return (gx, gs, gw0.to(w0.dtype), None if gb is None else gb.to(w0.dtype), None, None, None, None, *gws)
 
 
 class _Aggregate(torch.autograd.Function):
@@ -498,12 +504,12 @@ class _Aggregate(torch.autograd.Function):
         da = (u.view(E, -1, H, C // H) * values.to(acc).view(E, -1, H, C // H)).sum((1, 3))
         seg = torch.zeros(num_nodes, H, dtype=acc, device=da.device).index_add_(0, dst, alpha * da)
         gl = (alpha * (da - seg.index_select(0, dst))).to(logits.dtype)
-        gvec = None
-        if rotated and ctx.needs_input_grad[4]:  # out_d = Σ α_e D_eᵀ y_e: −ε·L (D_eᵀ y_e) per edge
+        gvec = groll = None
+        if rotated and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]):  # out_d = Σ α_e D_eᵀ y_e: −ε·L (D_eᵀ y_e)
             v = _from_edge(values, edge_vec, roll, lmax, mmax).to(acc)
             ga = (g.index_select(0, dst).to(acc).view(E, -1, H, C // H) * alpha.view(E, 1, H, 1)).view(E, -1, C)
-            gvec = twin.frame_grad(edge_vec, -twin.generator_dot(ga, v, lmax), roll)
-        return gv, gl, None, None, gvec, None, None, None
+            gvec, groll = twin.frame_grad(edge_vec, -twin.generator_dot(ga, v, lmax), roll)
+        return gv, gl, None, None, gvec, groll, None, None
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -574,24 +580,36 @@ def rotate_to_edge(x, e, src, dst, edge_vec, lmax: int, mmax: int | None = None,
         return twin.rotate_to_edge(x, e, src, dst, edge_vec, lmax, mmax, roll)
 
 
-def rotate_back(y, edge_vec, lmax: int, mmax: int | None = None, backend: str = "auto", roll=None):
-    """m-major edge-frame [E, K_m, C] -> l-major global frame [E, (lmax+1)², C]."""
+def _rescaled(out, lmax, mmax, rescale):
+    """EquiformerV2's rotate-back rescale (twin.rescale_factors) on an l-major output."""
+    if not rescale or mmax == lmax:
+        return out
+    return out * twin.rescale_factors(lmax, mmax).to(out.device, out.dtype).view(1, -1, 1)
+
+
+def rotate_back(y, edge_vec, lmax: int, mmax: int | None = None, backend: str = "auto", roll=None,
+                rescale: bool = False):
+    """m-major edge-frame [E, K_m, C] -> l-major global frame [E, (lmax+1)², C]; `rescale`:
+    EquiformerV2's factor √((2l+1)/(2·mmax+1)) on degrees l > mmax."""
     mmax = _degrees(lmax, mmax)
     KM = num_m_rows(lmax, mmax)
     _need(y.dim() == 3 and y.shape[1] == KM, f"rotate_back: y must be [E, K_m={KM}, C] (lmax={lmax}, "
           f"mmax={mmax}), got {tuple(y.shape)}")
     _check_edges("rotate_back", edge_vec, roll, y.shape[0], y.device)
     if _backend.resolve(backend, y.device, lmax, y.dtype) == "torch":
-        return twin.rotate_back(y, edge_vec, lmax, mmax, roll)
+        return twin.rotate_back(y, edge_vec, lmax, mmax, roll, rescale)
     try:
-        return _RotateBack.apply(y, *_lane_frame(edge_vec, roll), lmax, mmax)
+        return _rescaled(_RotateBack.apply(y, *_lane_frame(edge_vec, roll), lmax, mmax), lmax, mmax, rescale)
     except _compile_errors() as exc:
         _fallback("rotate_back", backend, exc)
-        return twin.rotate_back(y, edge_vec, lmax, mmax, roll)
+        return twin.rotate_back(y, edge_vec, lmax, mmax, roll, rescale)
 
 
-def so2_linear(x, scale, w0, b0, ws, lmax: int, mmax: int, cout: int, backend: str = "auto"):
-    """(y [E, K_m, C_out], extra [E, X]) of the m-major SO(2) linear (see SO2Linear)."""
+def so2_linear(x, scale, w0, b0, ws, lmax: int, mmax: int, cout: int, backend: str = "auto", extra_first: bool = False):
+    """(y [E, K_m, C_out], extra [E, X]) of the m-major SO(2) linear (see SO2Linear and
+    twin.so2_linear). `scale`: None, [E, 1, C_in] per channel, [E, Σ_m n_m, C_in] (or flat
+    [E, Σ_m n_m·C_in], fairchem's rad_func output) per (m, l), or [E, K_m, C_in] per row.
+    `extra_first`: the X extra outputs are the first rows of w0 (fairchem) instead of the last."""
     mmax = _degrees(lmax, mmax)
     KM = num_m_rows(lmax, mmax)
     _need(x.dim() == 3 and x.shape[1] == KM, f"so2_linear: x must be [E, K_m={KM}, C_in], got {tuple(x.shape)}")
@@ -603,23 +621,32 @@ def so2_linear(x, scale, w0, b0, ws, lmax: int, mmax: int, cout: int, backend: s
     _need(len(ws) == mmax and all(w.shape == (n * cin, 2 * n * cout) for w, n in zip(ws, sizes[1:])),
           f"so2_linear: ws must hold one [n·C_in, 2n·C_out] block per m = 1..{mmax}, got "
           f"{[tuple(w.shape) for w in ws]}")
-    if scale is not None and scale.dim() == 3 and scale.shape[1] != 1:
-        x, scale = x * scale, None  # per-row scales: apply first, the kernel scales per (edge, channel)
+    nml = twin.num_ml(lmax, mmax)
+    if scale is not None:
+        if scale.dim() == 2 and scale.shape == (E, nml * cin):
+            scale = scale.view(E, nml, cin)
+        _need(scale.dim() == 3 and scale.shape[0] in (1, E) and scale.shape[1] in (1, nml, KM)
+              and scale.shape[2] == cin, f"so2_linear: scale must be [E, 1, C_in], [E, {nml}, C_in] (per (m, l)), "
+              f"[E, {nml}·C_in] or [E, K_m={KM}, C_in], got {tuple(scale.shape)}")
     if _backend.resolve(backend, x.device, lmax, x.dtype) == "torch":
-        return twin.so2_linear(x, scale, w0, b0, list(ws), lmax, mmax, cout)
+        return twin.so2_linear(x, scale, w0, b0, list(ws), lmax, mmax, cout, extra_first)
+    if scale is not None and scale.shape[1] != 1:  # the kernel scales per (edge, channel): others first
+        rows = twin.ml_rows(lmax, mmax).to(x.device) if twin.scale_kind(scale, lmax, mmax, KM) == "ml" else None
+        x, scale = x * (scale if rows is None else scale.index_select(1, rows)), None
     if scale is not None:
         scale = scale.expand(E, 1, cin)
     try:
-        return _SO2Linear.apply(x, scale, w0, b0, lmax, mmax, cout, *ws)
+        return _SO2Linear.apply(x, scale, w0, b0, lmax, mmax, cout, extra_first, *ws)
     except _compile_errors() as exc:
         _fallback("so2_linear", backend, exc)
-        return twin.so2_linear(x, scale, w0, b0, list(ws), lmax, mmax, cout)
+        return twin.so2_linear(x, scale, w0, b0, list(ws), lmax, mmax, cout, extra_first)
 
 
 def attention_aggregate(values, logits, dst, num_nodes: int, edge_vec=None, lmax: int = 0, mmax: int | None = None,
-                        backend: str = "auto", roll=None):
+                        backend: str = "auto", roll=None, rescale: bool = False):
     """Σ_{e->d} softmax(logits)_e[head] · v_e per destination d ([N, (lmax+1)² or K, C]); with
-    edge_vec, values are m-major edge-frame messages rotated back inside the kernel. dst sorted."""
+    edge_vec, values are m-major edge-frame messages rotated back inside the kernel (`rescale` as
+    in rotate_back). dst sorted."""
     _need(values.dim() == 3 and logits.dim() == 2 and logits.shape[0] == values.shape[0],
           f"attention_aggregate: values [E, K, C] and logits [E, H] must share E, got {tuple(values.shape)}, "
           f"{tuple(logits.shape)}")
@@ -634,12 +661,14 @@ def attention_aggregate(values, logits, dst, num_nodes: int, edge_vec=None, lmax
         _check_edges("attention_aggregate", edge_vec, roll, E, values.device)
     else:
         lmax = mmax = 0  # values are already in the global frame: K rows of any layout
+        rescale = False
     if _backend.resolve(backend, values.device, lmax, values.dtype) == "torch":
-        return twin.attention_aggregate(values, logits, dst, num_nodes, edge_vec, lmax, mmax, roll)
+        return twin.attention_aggregate(values, logits, dst, num_nodes, edge_vec, lmax, mmax, roll, rescale)
     check_once("sorted", dst, _check_sorted)  # the kernel walks CSR segments; the twin does not care
     try:
-        vec, roll = _lane_frame(edge_vec, roll) if edge_vec is not None else (None, None)
-        return _Aggregate.apply(values, logits, dst.long(), num_nodes, vec, roll, lmax, mmax)
+        vec, r = _lane_frame(edge_vec, roll) if edge_vec is not None else (None, None)
+        return _rescaled(_Aggregate.apply(values, logits, dst.long(), num_nodes, vec, r, lmax, mmax), lmax, mmax,
+                         rescale)
     except _compile_errors() as exc:
         _fallback("attention_aggregate", backend, exc)
-        return twin.attention_aggregate(values, logits, dst, num_nodes, edge_vec, lmax, mmax, roll)
+        return twin.attention_aggregate(values, logits, dst, num_nodes, edge_vec, lmax, mmax, roll, rescale)

@@ -24,7 +24,8 @@ from .layers import InteractionLayer, _identity
 
 class _Recompute(torch.autograd.Function):
     """Checkpoint that saves the region's tensor inputs (through save_for_backward, so
-    saved_tensors_hooks see them) and reruns `run` under grad in backward."""
+    saved_tensors_hooks see them) and reruns `run` under grad in backward (double backward too:
+    training on forces, with the PyTorch backend; the Triton ops are once-differentiable)."""
 
     @staticmethod
     def forward(ctx, run, n_in, *args):
@@ -35,11 +36,18 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ins = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in ctx.saved_tensors]
+        # create_graph=True (forces that enter a loss): recompute on fresh views of the original
+        # inputs and keep the graph, so second derivatives are exact (views, not the inputs: the
+        # gradient w.r.t. each must not count paths through another input that depends on it);
+        # otherwise on detached copies (nothing retained)
+        higher = torch.is_grad_enabled()
+        ins = [(t.view_as(t) if higher and t.requires_grad else t.detach().requires_grad_(t.requires_grad))
+               if t.is_floating_point() else t for t in ctx.saved_tensors]
         with torch.enable_grad():
             out = ctx.run(*ins)
         wanted = [t for t in list(ins) + list(ctx.params) if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True)) if wanted else iter(())
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True, create_graph=higher)) if wanted \
+            else iter(())
         res = [next(grads) if t.requires_grad else None for t in list(ins) + list(ctx.params)]
         return (None, None, *res)
 
