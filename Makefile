@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,triton,pyscf]"
 	# fairchem-core for tests/test_fairchem.py (egnn.interop.fairchem), ~45 s: without its declared
 	# dependencies (a torch pin and CUDA-only packages a CPU run never imports), only those its
-	# models and data import; setuptools < 81 keeps pkg_resources for torchtnt
-	$(PY) -m pip install -q --no-deps "fairchem-core==2.24.*"
-	$(PY) -m pip install -q "setuptools>=64,<81" wandb hydra-core torchtnt submitit monty huggingface-hub backoff
+	# models and data import; setuptools < 81 keeps pkg_resources for torchtnt. Optional: where it
+	# cannot be installed, the fairchem tests skip and say why
+	( $(PY) -m pip install -q --no-deps "fairchem-core==2.24.*" && \
+	  $(PY) -m pip install -q "setuptools>=64,<81" wandb hydra-core torchtnt submitit monty huggingface-hub backoff ) \
+	  || echo "fairchem-core not installed: tests/test_fairchem.py will be skipped"
 	touch $(STAMP)
 
 test: $(STAMP)
