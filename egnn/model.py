@@ -266,17 +266,17 @@ class HamiltonianModel(nn.Module):
         chunks = enc.chunks or [(0, 0)]
         for k, (a, b) in enumerate(chunks):
             hi = N if k == len(chunks) - 1 else int(enc.dst[b - 1]) + 1
+            src, dst, vec = enc.src[a:b], enc.dst[a:b], enc.edge_vec[a:b]
+            z = self._edge_input(enc.e[a:b], enc.xe, src, dst)  # read by the edge head and the onsite sum
+            dist = vec.norm(dim=-1)
+            edge = self._edge_out(z, self.rbf(dist))
             node = self._node_out(enc.xn[lo:hi], [s[lo:hi] for s in enc.seen])
-            edge = self.edge_outputs(enc, a, b)
             if self.onsite_head is not None:
-                z = self._edge_input(enc.e[a:b], enc.xe, enc.src[a:b], enc.dst[a:b])
-                env = cosine_envelope(enc.edge_vec[a:b].norm(dim=-1), self.config.r_cut)
-                node = self._add_onsite(node, z, enc.dst[a:b] - lo, env)
+                node = self._add_onsite(node, z, dst - lo, cosine_envelope(dist, self.config.r_cut))
             node = self._node_stats(node, enc.species[lo:hi])
             if self.reference is not None:
-                node_ref, _ = self.reference(enc.species, enc.src[a:b], enc.dst[a:b], enc.edge_vec[a:b],
-                                             nodes=(lo, hi), edges=False)
-                node = node + node_ref.to(node.dtype)
+                node_ref, edge_ref = self.reference(enc.species, src, dst, vec, nodes=(lo, hi))
+                node, edge = node + node_ref.to(node.dtype), edge + edge_ref.to(edge.dtype)
             yield OutputChunk(lo, hi, node, a, b, edge)
             lo = hi
 

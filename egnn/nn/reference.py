@@ -76,27 +76,29 @@ class TwoCentreReference(nn.Module):
             coef.index_copy_(0, idx, phi.index_select(0, idx) @ weight[p].to(phi.dtype))
         return coef.view(-1, L1, C).index_select(1, self.row_L) * Y.unsqueeze(-1)
 
-    def forward(self, species, src, dst, edge_vec, with_bias: bool = True, nodes: tuple | None = None,
-                edges: bool = True):
-        """(node_ref, edge_ref [E] or None without `edges`). Edges s -> d with vector x_s + R·cell − x_d;
-        node i sums over its incoming edges (all of a rank's own atoms' edges are local in the
-        distributed scheme). node_ref covers every atom [N], or the atoms lo..hi-1 of `nodes=(lo, hi)`
-        when every dst lies there (one output chunk). `with_bias=False` leaves out the per-species
-        constant (for all but the first of several edge ranges of the same atoms)."""
-        pair = species.index_select(0, dst) * self.num_species + species.index_select(0, src)
-        Y, phi = self.features(edge_vec, pair)
+    def forward(self, species, src, dst, edge_vec, with_bias: bool = True, nodes: tuple | None = None):
+        """(node_ref, edge_ref [E]). Edges s -> d with vector x_s + R·cell − x_d; node i sums over its
+        incoming edges (all of a rank's own atoms' edges are local in the distributed scheme).
+        node_ref covers every atom [N], or the atoms lo..hi-1 of `nodes=(lo, hi)` when every dst lies
+        there (one output chunk). `with_bias=False` leaves out the per-species constant (for all but
+        the first of several edge ranges of the same atoms)."""
+        pair, Y, phi = self._edge_features(species, src, dst, edge_vec)
         lo, hi = nodes or (0, len(species))
         node = phi.new_zeros((hi - lo,) + Y.shape[1:] + (self.node_bias.shape[1],))
         node.index_add_(0, dst - lo, self._expand(self.node_weight, pair, phi, Y))
         if with_bias:
             node[:, 0] += self.node_bias.index_select(0, species[lo:hi]).to(node.dtype)
-        return node, (self._expand(self.edge_weight, pair, phi, Y) if edges else None)
+        return node, self._expand(self.edge_weight, pair, phi, Y)
 
     def edge(self, species, src, dst, edge_vec):
         """edge_ref [E] alone (any edges, e.g. the reverse edges of a prediction)."""
-        pair = species.index_select(0, dst) * self.num_species + species.index_select(0, src)
-        Y, phi = self.features(edge_vec, pair)
+        pair, Y, phi = self._edge_features(species, src, dst, edge_vec)
         return self._expand(self.edge_weight, pair, phi, Y)
+
+    def _edge_features(self, species, src, dst, edge_vec):
+        """(species pair [E], Y, φ) of the edges s -> d."""
+        pair = species.index_select(0, dst) * self.num_species + species.index_select(0, src)
+        return (pair, *self.features(edge_vec, pair))
 
     def extra_repr(self) -> str:
         return f"species={self.num_species}, L_max={self.L_max}, radial={self.num_radial}, r_cut={self.r_cut}"
