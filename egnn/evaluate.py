@@ -11,6 +11,11 @@ back into orbital blocks with `blocks.from_coupled`), in meV:
 * eigenvalues at Γ: H c = ε S c with the predicted H and the DFT S (both Σ_R), the occupied
   states (valence electrons / 2) and the first unoccupied one against DFT: `eig_mae_meV`,
   `eig_rel` = mean |Δε| / mean |ε_DFT| (a fraction; `eig_rel_percent`), `gap_mae_meV`.
+* `eig_by_distance`: where the Γ-level errors come from. The first-order shift v_kᵀ ΔH v_k (DFT
+  eigenvectors) of the errors of the node blocks and of the edge blocks in distance shells, and of
+  what r_cut leaves out: per shell the mean shift of the occupied levels and the gap change. The
+  shells add up to the first-order error; a large shift from a far shell whose element MAE is tiny
+  is a coherent bias, what `train.eig_weight` (egnn.spectral) trains away.
 * every figure again after removing the best constant energy-zero shift c·S per structure,
   c = ⟨ΔH, S⟩ / ⟨S, S⟩ over the compared orbital elements (ΔH = H_pred − H_DFT): the `*_shifted_*`
   keys. Periodic DFT fixes the zero of energy only up to such a shift (it differs between cell
@@ -22,54 +27,21 @@ still there (`eig_reference: "cp2k run"`), else the dataset's matrices within r_
 """
 from __future__ import annotations
 
-import glob
 import os
-import re
 
 import numpy as np
 import torch
 
 from . import blocks as B
 from .errors import InputError, warn_once
-from .io.cp2k import GTH_VALENCE
+from .io.cp2k import GTH_VALENCE, valence_electrons
+from .spectral import dense
 
 __all__ = ["evaluate", "evaluate_sample", "valence_electrons", "make_plots", "GTH_VALENCE"]
 
 
 MAX_PLOT_POINTS = 200_000
 BAND_PATH_POINTS = 60  # k-points along ase's standard path of each cell
-
-
-# ----------------------------------------------------------------------------- valence
-def _potential_valence(inp_path: str) -> dict:
-    """{element: q} from the POTENTIAL GTH-...-qN names of a CP2K input's &KIND sections."""
-    from .io.cp2k import parse_inp
-
-    out = {}
-    for k in parse_inp(inp_path).kinds.values():
-        m = re.search(r"-q(\d+)\b", k.get("potential") or "", re.I)
-        if m:
-            out[k["element"]] = int(m.group(1))
-    return out
-
-
-def valence_electrons(symbols, source: str | None = None) -> tuple[int, str]:
-    """(valence electron count, where the charges came from): the CP2K input of a run folder
-    `source` when it names GTH-...-qN potentials, else GTH_VALENCE."""
-    table, where = {}, "GTH_VALENCE table"
-    if source and os.path.isdir(source):
-        inps = sorted(glob.glob(os.path.join(source, "*.inp")))
-        if len(inps) == 1:
-            table = _potential_valence(inps[0])
-            where = inps[0]
-    total = 0
-    for s in symbols:
-        q = table.get(s, GTH_VALENCE.get(s))
-        if q is None:
-            raise InputError(f"no valence charge known for element {s}: give the CP2K run folder (its .inp "
-                             "names POTENTIAL GTH-...-qN) or add it to egnn.io.cp2k.GTH_VALENCE")
-        total += q
-    return total, where
 
 
 # ----------------------------------------------------------------------------- one structure
@@ -83,17 +55,6 @@ def _orbital_groups(numbers_rows, numbers_cols, pred, target, s_target, basis):
         out.append((a, b, idx, B.from_coupled(pred[idx], a, b, basis), B.from_coupled(target[idx], a, b, basis),
                     B.from_coupled(s_target[idx], a, b, basis)))
     return out
-
-
-def _dense(n, offs, rows_atom, cols_atom, groups):
-    """Σ of blocks into a dense [n, n] matrix (blocks of the same atom pair add: images fold)."""
-    M = np.zeros((n, n))
-    for idx, blocks in groups:
-        na, nb = blocks.shape[1:]
-        r = offs[rows_atom[idx]][:, None, None] + np.arange(na)[None, :, None]
-        c = offs[cols_atom[idx]][:, None, None] + np.arange(nb)[None, None, :]
-        np.add.at(M, (np.broadcast_to(r, blocks.shape), np.broadcast_to(c, blocks.shape)), blocks)
-    return M
 
 
 def _np64(t):
@@ -142,7 +103,7 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
     err, sval, habs, pabs, dist_all, kind, pair = [], [], [], [], [], [], []
     offs = basis.orbital_offsets(numbers)
     n = int(offs[-1])
-    pred_groups, dft_groups, s_groups = [], [], []
+    pred_groups, dft_groups, s_groups, err_groups = [], [], [], []
     labels = []
     for rows, cols, pr, tg, st, dist, nodeflag in sets:
         for a, b, idx, bp, bt, bs in _orbital_groups(numbers[rows], numbers[cols], pr, tg, st, basis):
@@ -157,6 +118,7 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
             labels.append((a, b))
             pair.append(np.full(len(idx) * k, lab, np.int32))
             pred_groups.append((rows, cols, idx, bp))
+            err_groups.append((rows, cols, idx, bp - bt, np.where(nodeflag[idx], -1.0, dist[idx])))
             dft_groups.append((rows, cols, idx, bt))
             s_groups.append((rows, cols, idx, bs))
     err, sval, habs, pabs, dist_all, kind, pair = map(np.concatenate, (err, sval, habs, pabs, dist_all, kind, pair))
@@ -168,13 +130,13 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
         res[f"mae{key}_shifted_meV"] = 1000 * float(np.abs(sh[m]).mean()) if m.any() else float("nan")
 
     # --- eigenvalues at Γ
-    def dense(groups):
+    def gamma_matrix(groups):
         M = np.zeros((n, n))
         for rows, cols, idx, blk in groups:
-            M += _dense(n, offs, rows, cols, [(idx, blk)])
+            M += dense(n, offs, rows, cols, [(idx, blk)])
         return M
 
-    Hp = dense(pred_groups)
+    Hp = gamma_matrix(pred_groups)
     Hp = 0.5 * (Hp + Hp.T)  # the model's [d, s](R) and [s, d](−R) blocks agree only up to its error
     H_dft, S_dft, ref, st = None, None, "dataset (r_cut)", None
     if source and os.path.isdir(source):
@@ -190,7 +152,7 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
             warn_once(f"evaluate-ref-{source}", f"{source}: cannot read the CP2K run ({exc}); eigenvalues use "
                       "the dataset's matrices within r_cut")
     if H_dft is None:
-        H_dft, S_dft = dense(dft_groups), dense(s_groups)
+        H_dft, S_dft = gamma_matrix(dft_groups), gamma_matrix(s_groups)
         H_dft, S_dft = 0.5 * (H_dft + H_dft.T), 0.5 * (S_dft + S_dft.T)
     symbols = [basis._symbol(int(z)) for z in numbers]
     n_el, qsrc = valence_electrons(symbols, source)
@@ -200,7 +162,7 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
     if n_occ + 1 > n:
         raise InputError(f"{name}: {n_occ} occupied states need more than the {n} orbitals of the basis")
     try:
-        e_dft = scipy.linalg.eigh(H_dft, S_dft, eigvals_only=True, subset_by_index=[0, n_occ])
+        e_dft, V = scipy.linalg.eigh(H_dft, S_dft, subset_by_index=[0, n_occ])
         e_pred = scipy.linalg.eigh(Hp, S_dft, eigvals_only=True, subset_by_index=[0, n_occ])
     except np.linalg.LinAlgError as exc:
         raise InputError(f"{name}: the generalized eigenproblem failed ({exc}); is S positive definite? "
@@ -214,6 +176,8 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
                gap_dft_eV=float(e_dft[-1] - e_dft[-2]), gap_pred_eV=float(e_pred[-1] - e_pred[-2]),
                homo_dft_eV=float(e_dft[-2]), homo_pred_eV=float(e_pred[-2]))
     res["gap_err_meV"] = 1000 * (res["gap_pred_eV"] - res["gap_dft_eV"])
+    trunc = H_dft - gamma_matrix(dft_groups) if ref == "cp2k run" else None
+    res["eig_by_distance"] = _eig_by_distance(V, err_groups, n, offs, trunc)
     res["_arrays"] = {"err": err, "shifted": sh, "dist": dist_all, "node": kind, "pair": pair, "labels": labels,
                       "eig_d": d, "eig_dft": e_dft, "c": c}
     if st is not None and not st.gamma_only and x.mode != "folded":
@@ -221,6 +185,35 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
     if keep:
         res["_arrays"].update(habs=habs, pabs=pabs, H_dft=H_dft, H_pred=Hp)
     return res
+
+
+EIG_SHELLS = ((-1.0, 0.0), (0.0, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 6.0), (6.0, np.inf))  # Å; -1: node blocks
+
+
+def _eig_by_distance(V, err_groups, n, offs, trunc=None) -> list:
+    """Where the Γ-level errors come from: the first-order shifts v_kᵀ ΔH_shell v_k (DFT vectors V, the
+    occupied levels and the first empty one) of the errors of the blocks in each distance shell (node
+    blocks first; Γ pairs by their shortest image), and with `trunc` (H_DFT beyond r_cut) what the
+    cut-off leaves out. Per shell: the mean shift of the occupied levels and the change of the gap
+    (meV); the shells add up to the whole first-order error, so a large mean shift in a far shell
+    with a small element MAE there is a coherent bias (egnn.spectral)."""
+    def shell_dH(lo, hi):
+        dH = np.zeros((n, n))
+        for rows, cols, idx, blk, d in err_groups:
+            m = d < 0 if lo < 0 else (d >= lo) & (d < hi)
+            if m.any():
+                dH += dense(n, offs, rows, cols, [(idx[m], blk[m])])
+        return dH
+
+    parts = [("node" if lo < 0 else f"{lo:g}-{hi:g}", shell_dH(lo, hi)) for lo, hi in EIG_SHELLS]
+    if trunc is not None:
+        parts.append(("beyond r_cut", -trunc))
+    out = []
+    for label, dH in parts:
+        d = np.einsum("ik,ij,jk->k", V, 0.5 * (dH + dH.T), V)
+        out.append({"shell": label, "occ_shift_meV": 1000 * float(d[:-1].mean()),
+                    "gap_meV": 1000 * float(d[-1] - d[-2])})
+    return out
 
 
 def _band_figures(st, HR_pred, n_occ, c, arrays, keep) -> dict:
@@ -330,6 +323,17 @@ def evaluate(model, data, edge_chunk: int | None = None, bin_width: float = 1.0,
                eig_rel=float(np.abs(d).mean() / np.abs(e).mean()),
                eig_rel_shifted=float(np.abs(ds).mean() / np.abs(e).mean()),
                gap_mae_meV=float(np.mean([abs(p["gap_err_meV"]) for p in per])))
+    # per shell: mean over structures of the signed contributions, and of their size
+    rows = {}
+    for p in per:
+        for b in p["eig_by_distance"]:
+            rows.setdefault(b["shell"], []).append((b["occ_shift_meV"], b["gap_meV"]))
+    out["eig_by_distance"] = []
+    for shell, v in rows.items():
+        v = np.array(v)
+        out["eig_by_distance"].append({"shell": shell, "structures": len(v), "occ_shift_meV": float(v[:, 0].mean()),
+                                       "occ_shift_meV_abs": float(np.abs(v[:, 0]).mean()),
+                                       "gap_meV": float(v[:, 1].mean()), "gap_meV_abs": float(np.abs(v[:, 1]).mean())})
     banded = [p for p in per if "band_d" in p["_arrays"]]
     if banded:
         bd = np.concatenate([p["_arrays"]["band_d"] for p in banded])

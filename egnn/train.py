@@ -48,6 +48,9 @@ class Sample:
     fold: torch.Tensor | None = None  # [E] pair id
     fold_node: torch.Tensor | None = None  # [N] pair id of the (i, i) pair
     meta: dict = field(default_factory=dict)
+    # Γ-eigenvalue loss (egnn.spectral), per structure of a batch:
+    # (node offset, nodes, edge/pair offset, edges/pairs, Spectrum)
+    spectra: list = field(default_factory=list)
 
     @property
     def num_nodes(self) -> int:
@@ -58,7 +61,8 @@ def collate(samples: list[Sample]) -> Sample:
     """Join structures into one disjoint graph (node and pair indices offset)."""
     if len(samples) == 1:
         return samples[0]
-    off_n, off_p, parts = 0, 0, {k: [] for k in ("species", "src", "dst", "edge_vec", "node_target", "node_mask",
+    off_n, off_p, off_e, spectra = 0, 0, 0, []
+    parts = {k: [] for k in ("species", "src", "dst", "edge_vec", "node_target", "node_mask",
                                                  "edge_target", "edge_mask", "fold", "fold_node")}
     folded = samples[0].fold is not None
     for s in samples:
@@ -74,10 +78,12 @@ def collate(samples: list[Sample]) -> Sample:
             parts["fold"].append(s.fold + off_p)
             parts["fold_node"].append(s.fold_node + off_p)
             off_p += len(s.edge_target)
+        spectra += [(no + off_n, n, eo + off_e, e, sp) for no, n, eo, e, sp in s.spectra]
         off_n += s.num_nodes
+        off_e += len(s.edge_target)
     cat = {k: torch.cat(v) for k, v in parts.items() if v}
     return Sample(name="+".join(s.name for s in samples), fold=cat.pop("fold", None),
-                  fold_node=cat.pop("fold_node", None), **cat)
+                  fold_node=cat.pop("fold_node", None), spectra=spectra, **cat)
 
 
 def fold_edges(sample: Sample, node_out: torch.Tensor, edge_out: torch.Tensor) -> torch.Tensor:
@@ -150,7 +156,7 @@ def _residual(reference, s: Sample) -> Sample:
 TRAIN_DEFAULTS = {
     "epochs": 100, "lr": 3e-3, "weight_decay": 0.0, "batch_size": 1, "amp": "off", "seed": 0,
     "checkpoint_every": 10, "lr_factor": 0.5, "lr_patience": 10, "min_lr": 1e-5, "l1": 1.0, "l2": 1.0,
-    "grad_clip": 10.0, "max_minutes": None, "device": "auto", "node_weight": 1.0,
+    "grad_clip": 10.0, "max_minutes": None, "device": "auto", "node_weight": 1.0, "eig_weight": 0.0, "eig_empty": 2,
 }
 DATA_KEYS = {"train", "val", "r_cut", "cache"}
 TOP_KEYS = {"data", "model", "train", "output", "partition"}
@@ -188,6 +194,8 @@ _TRAIN_SCHEMA = {
     "max_minutes": ("float?", lambda v: v > 0, "a number of minutes > 0, or null"),
     "device": ("str", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
     "node_weight": ("float", lambda v: v >= 0, "a number >= 0"),
+    "eig_weight": ("float", lambda v: v >= 0, "a number >= 0"),
+    "eig_empty": ("int", lambda v: v >= 0, "an integer >= 0"),
 }
 
 
@@ -365,8 +373,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _to(self, s: Sample) -> Sample:
-        return Sample(**{f.name: (getattr(s, f.name).to(self.device) if torch.is_tensor(getattr(s, f.name))
-                                  else getattr(s, f.name)) for f in dataclasses.fields(Sample)})
+        out = Sample(**{f.name: (getattr(s, f.name).to(self.device) if torch.is_tensor(getattr(s, f.name))
+                                 else getattr(s, f.name)) for f in dataclasses.fields(Sample)})
+        out.spectra = [(no, n, eo, e, sp.to(self.device)) for no, n, eo, e, sp in s.spectra]
+        return out
 
     def compute(self, s: Sample):
         s = self._to(s)
@@ -380,7 +390,20 @@ class Trainer:
         le, ae, ne = masked_loss(edge, s.edge_target, s.edge_mask, l1, l2)
         w = float(self.cfg["node_weight"])  # node blocks are few (N vs E) but set the onsite energies
         total = (w * ln * nn_ + le * ne) / max(w * nn_ + ne, 1)
-        return total, {"node_abs": an.item(), "node_n": nn_, "edge_abs": ae.item(), "edge_n": ne}
+        st = {"node_abs": an.item(), "node_n": nn_, "edge_abs": ae.item(), "edge_n": ne}
+        if s.spectra and self.cfg.get("eig_weight"):
+            d = self.eigen_shifts(s, node, edge)
+            total = total + float(self.cfg["eig_weight"]) * (l1 * d.abs().mean() + l2 * d.square().mean())
+            st.update(eig_abs=d.detach().abs().sum().item(), eig_n=d.numel())
+        return total, st
+
+    def eigen_shifts(self, s: Sample, node, edge) -> torch.Tensor:
+        """First-order Γ-eigenvalue errors [levels of all structures] of a prediction (egnn.spectral)."""
+        from .spectral import first_order
+
+        dn, de = node - s.node_target, edge - s.edge_target
+        return torch.cat([first_order(sp, dn[no:no + n], de[eo:eo + e], self.model.basis)
+                          for no, n, eo, e, sp in s.spectra])
 
     def batches(self, epoch: int):
         g = torch.Generator().manual_seed(int(self.cfg["seed"]) * 100003 + epoch)  # resumable order
@@ -392,7 +415,7 @@ class Trainer:
         from tqdm import tqdm
 
         self.model.train()
-        tot, stats = 0.0, {"node_abs": 0.0, "node_n": 0, "edge_abs": 0.0, "edge_n": 0}
+        tot, stats = 0.0, dict.fromkeys(STAT_KEYS, 0)
         batches = self.batches(epoch)
         for b in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
             loss, st = self.compute(b)
@@ -416,7 +439,7 @@ class Trainer:
                 self.opt.step()
             tot += loss.item()
             for k in stats:
-                stats[k] += st[k]
+                stats[k] += st.get(k, 0)
         return {"loss": tot / len(batches), **_maes(stats)}
 
     def after_backward(self) -> None:
@@ -425,12 +448,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, samples) -> dict:
         self.model.eval()
-        tot, stats = 0.0, {"node_abs": 0.0, "node_n": 0, "edge_abs": 0.0, "edge_n": 0}
+        tot, stats = 0.0, dict.fromkeys(STAT_KEYS, 0)
         for s in samples:
             loss, st = self.compute(s)
             tot += loss.item()
             for k in stats:
-                stats[k] += st[k]
+                stats[k] += st.get(k, 0)
         return {"loss": tot / max(len(samples), 1), **_maes(stats)}
 
     def fit(self, epochs: int | None = None, progress: bool = True) -> dict:
@@ -455,6 +478,8 @@ class Trainer:
                     "train_mae_meV": tr["mae_meV"], "val_mae_meV": va["mae_meV"],
                     "val_node_mae_meV": va["node_mae_meV"], "val_edge_mae_meV": va["edge_mae_meV"],
                     "train_node_mae_meV": tr["node_mae_meV"], "train_edge_mae_meV": tr["edge_mae_meV"],
+                    **({"val_eig_mae_meV": va["eig_mae_meV"], "train_eig_mae_meV": tr["eig_mae_meV"]}
+                       if "eig_mae_meV" in va else {}),
                     "lr": self.opt.param_groups[0]["lr"], "seconds": time.time() - t0}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
@@ -464,8 +489,9 @@ class Trainer:
             if epoch % self.cfg["checkpoint_every"] == 0 or epoch == epochs:
                 self.save(os.path.join(self.output, "last.pt"))
             if progress:
+                eig = f", Γ levels {va['eig_mae_meV']:.1f}" if "eig_mae_meV" in va else ""
                 self.log(f"epoch {epoch:4d}  loss {tr['loss']:.4g}  val MAE {va['mae_meV']:.2f} meV "
-                         f"(node {va['node_mae_meV']:.2f}, edge {va['edge_mae_meV']:.2f})  lr {last['lr']:.2g}")
+                         f"(node {va['node_mae_meV']:.2f}, edge {va['edge_mae_meV']:.2f}{eig})  lr {last['lr']:.2g}")
             limit = self.cfg.get("max_minutes")
             if limit and time.time() - t_start > 60 * float(limit):
                 self.save(os.path.join(self.output, "last.pt"))
@@ -493,11 +519,15 @@ class Trainer:
         self.epoch, self.best = ck["epoch"], ck["best"]
 
 
+STAT_KEYS = ("node_abs", "node_n", "edge_abs", "edge_n", "eig_abs", "eig_n")
+
+
 def _maes(st: dict) -> dict:
     n = st["node_n"] + st["edge_n"]
+    eig = {"eig_mae_meV": 1000 * st["eig_abs"] / st["eig_n"]} if st.get("eig_n") else {}
     return {"mae_meV": 1000 * (st["node_abs"] + st["edge_abs"]) / max(n, 1),
             "node_mae_meV": 1000 * st["node_abs"] / max(st["node_n"], 1),
-            "edge_mae_meV": 1000 * st["edge_abs"] / max(st["edge_n"], 1)}
+            "edge_mae_meV": 1000 * st["edge_abs"] / max(st["edge_n"], 1), **eig}
 
 
 def load_checkpoint(path: str) -> dict:
@@ -614,16 +644,32 @@ def open_datasets(paths: list[str], r_cut: float, cache_dir: str, min_coverage: 
     return out
 
 
-def load_samples(datasets, basis, dtype=torch.float32) -> list[Sample]:
+def load_samples(datasets, basis, dtype=torch.float32, eig_empty: int | None = None) -> list[Sample]:
+    """Training Samples of every structure; with `eig_empty` (not None) each also carries the
+    Spectrum of its occupied and `eig_empty` empty Γ levels for the eigenvalue loss."""
+    from .io.cp2k import valence_electrons
+    from .spectral import prepare
+
     out = []
     for d in datasets:
         if d.basis.to_dict()["shells"] != basis.to_dict()["shells"]:
             raise ConfigError(f"{d.path}: its orbital basis {d.basis.shells} differs from the training basis "
                               f"{basis.shells}; convert all data with the same basis sets")
         d.dtype = dtype
+        if eig_empty is not None:
+            if not d.manifest.get("overlap"):
+                raise ConfigError(f"{d.path}: converted without S, which train.eig_weight needs; re-run `egnn data "
+                                  "convert` without --no-overlap, or set train.eig_weight: 0")
+            d.overlap = True
         for i in range(len(d)):
-            entry = d.manifest["structures"][i]
-            out.append(to_sample(d[i], dtype, name=os.path.basename(entry["source"].rstrip("/"))))
+            src = d.manifest["structures"][i]["source"]
+            x = d[i]
+            s = to_sample(x, dtype, name=os.path.basename(src.rstrip("/")))
+            if eig_empty is not None:
+                n_el, _ = valence_electrons([basis._symbol(int(z)) for z in x.graph.numbers], src)
+                sp = prepare(x, basis, n_el // 2, eig_empty, name=src)
+                s.spectra = [(0, s.num_nodes, 0, len(s.edge_target), sp.to("cpu", dtype))]
+            out.append(s)
     return out
 
 
@@ -678,7 +724,8 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     val_ds = open_datasets(flatten_paths(cfg.data["val"]), cfg.r_cut, cache) if cfg.data["val"] else []
     basis = train_ds[0].basis
     mcfg = ModelConfig.from_dict({**cfg.model, "basis": basis, "r_cut": cfg.r_cut})
-    train, val = load_samples(train_ds, basis), load_samples(val_ds, basis)
+    eig = int(cfg.train["eig_empty"]) if float(cfg.train["eig_weight"]) > 0 else None
+    train, val = load_samples(train_ds, basis, eig_empty=eig), load_samples(val_ds, basis, eig_empty=eig)
     if resume:
         _check_resume(resume, mcfg, cfg)
     model = HamiltonianModel(mcfg)

@@ -51,6 +51,10 @@ def _print(r: dict, per_structure: bool) -> None:
           f"({r['eig_rel_percent']:.3f} %), shift removed {r['eig_mae_shifted_meV']:.2f} meV "
           f"({r['eig_rel_shifted_percent']:.3f} %); occupied {r['eig_occ_mae_meV']:.2f} meV, "
           f"first unoccupied {r['eig_lumo_mae_meV']:.2f} meV; band gap MAE {r['gap_mae_meV']:.2f} meV")
+    print("where the Γ-level errors come from (first order, per block shell): mean shift of the occupied levels | "
+          "gap change (mean, mean |.|), meV")
+    for b in r.get("eig_by_distance", []):
+        print(f"  {b['shell']:>12s} {b['occ_shift_meV']:+10.1f} {b['gap_meV']:+10.1f} {b['gap_meV_abs']:8.1f}")
     if "band_mae_meV" in r:
         print(f"bands ({r['band_structures']} real-space structures; path + Monkhorst-Pack points; occupied + "
               f"first empty bands): MAE {r['band_mae_meV']:.2f} meV (occupied {r['band_occ_mae_meV']:.2f}, empty "

@@ -39,7 +39,7 @@ GTH_VALENCE = {
     "Au": 11, "Hg": 12, "Tl": 13, "Pb": 4, "Bi": 5, "Po": 6, "At": 7, "Rn": 8,
 }
 
-__all__ = ["read_run", "read_csr", "write_csr", "append_csr", "parse_inp", "parse_out", "basis_shells",
+__all__ = ["valence_electrons", "read_run", "read_csr", "write_csr", "append_csr", "parse_inp", "parse_out", "basis_shells",
            "cp2k_wrap_offsets", "HARTREE_EV", "GTH_VALENCE"]
 
 HARTREE_EV = 27.211386245988
@@ -686,3 +686,33 @@ def append_csr(path: str, rows, cols, values, *, kind: str = "H", binary: bool =
     with open(path, "ab") as fh:
         fh.write(_records(rows, cols, v / HARTREE_EV if kind == "H" else v, binary))
     return len(v)
+
+
+# ----------------------------------------------------------------------------- valence
+def _potential_valence(inp_path: str) -> dict:
+    """{element: q} from the POTENTIAL GTH-...-qN names of a CP2K input's &KIND sections."""
+    out = {}
+    for k in parse_inp(inp_path).kinds.values():
+        m = re.search(r"-q(\d+)\b", k.get("potential") or "", re.I)
+        if m:
+            out[k["element"]] = int(m.group(1))
+    return out
+
+
+def valence_electrons(symbols, source: str | None = None) -> tuple[int, str]:
+    """(valence electron count, where the charges came from): the CP2K input of a run folder
+    `source` when it names GTH-...-qN potentials, else GTH_VALENCE."""
+    table, where = {}, "GTH_VALENCE table"
+    if source and os.path.isdir(source):
+        inps = sorted(glob.glob(os.path.join(source, "*.inp")))
+        if len(inps) == 1:
+            table = _potential_valence(inps[0])
+            where = inps[0]
+    total = 0
+    for s in symbols:
+        q = table.get(s, GTH_VALENCE.get(s))
+        if q is None:
+            raise InputError(f"no valence charge known for element {s}: give the CP2K run folder (its .inp "
+                             "names POTENTIAL GTH-...-qN) or add it to egnn.io.cp2k.GTH_VALENCE")
+        total += q
+    return total, where

@@ -1,0 +1,173 @@
+"""The Γ-eigenvalue loss (egnn.spectral): the first-order shifts equal the exact eigenvalue change of
+a perturbed DFT H, vanish at the DFT H, read no padding, and train under `egnn train`."""
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import yaml
+
+from egnn import blocks as B
+from egnn.cli import main
+from egnn.io.cp2k import valence_electrons
+from egnn.spectral import _block_sets, dense, first_order, prepare
+from egnn.train import collate, load_samples, open_datasets
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "cp2k")
+KP = os.path.join(FIX, "hfo2_m12_rattled_s0000")  # real-space images
+GAMMA = os.path.join(FIX, "hfo2_m12_szv")  # Γ-only: targets folded per atom pair
+R_CUT = 6.0  # at 5 Å the truncated S(Γ) is not positive definite
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("egnn-cache"))
+    out = {}
+    for name, run in (("kp", KP), ("gamma", GAMMA)):
+        ds = open_datasets([run], R_CUT, cache)[0]
+        ds.overlap, ds.dtype = True, torch.float64
+        out[name] = (ds, ds[0], run)
+    return out
+
+
+def gamma_matrices(x, basis, pert=None):
+    """Dense H(Γ), S(Γ) of a dataset sample's blocks, H optionally plus coupled perturbations."""
+    from ase.data import chemical_symbols
+
+    numbers = np.asarray(x.graph.numbers)
+    offs = basis.orbital_offsets(numbers)
+    n = int(offs[-1])
+    H, S = np.zeros((n, n)), np.zeros((n, n))
+    for j, (kind, rows, cols, ht, st) in enumerate(_block_sets(x)):
+        ht = ht.numpy() + (0 if pert is None else pert[j])
+        for (za, zb), idx in B._species_groups(numbers[rows], numbers[cols]).items():
+            a, b = chemical_symbols[za], chemical_symbols[zb]
+            H += dense(n, offs, rows, cols, [(idx, B.from_coupled(ht[idx], a, b, basis))])
+            S += dense(n, offs, rows, cols, [(idx, B.from_coupled(st.numpy()[idx], a, b, basis))])
+    return 0.5 * (H + H.T), 0.5 * (S + S.T)
+
+
+def errors(x, pert):
+    """(node error or None, edge/pair error) as first_order takes them."""
+    if x.mode == "folded":
+        return None, torch.from_numpy(pert[0])
+    return torch.from_numpy(pert[0]), torch.from_numpy(pert[1])
+
+
+@pytest.mark.parametrize("which", ["kp", "gamma"])
+def test_first_order_matches_the_exact_eigenvalue_change(data, which):
+    ds, x, run = data[which]
+    basis = ds.basis
+    n_el, _ = valence_electrons([basis._symbol(int(z)) for z in x.graph.numbers], run)
+    spec = prepare(x, basis, n_el // 2, n_empty=3)
+    rng = np.random.default_rng(0)
+    sets = _block_sets(x)
+    zero = [np.zeros_like(t.numpy()) for _, _, _, t, _ in sets]
+    assert first_order(spec, *errors(x, zero), basis).abs().max() == 0  # zero at the DFT H
+    # a random perturbation inside the layout (padding carries garbage that must not be read)
+    masks = [x.node_mask.numpy(), x.edge_mask.numpy()] if x.mode != "folded" else [x.pair_mask.numpy()]
+    noise = [rng.standard_normal(m.shape) for m in masks]
+    H0, S = gamma_matrices(x, basis)
+    k = spec.vec.shape[1]
+    e0 = scipy.linalg.eigh(H0, S, eigvals_only=True, subset_by_index=[0, k - 1])
+
+    # levels closer than 20 meV mix at second order, so compare sums over such clusters
+    cluster = np.concatenate([[0], np.cumsum(np.diff(e0) > 0.02)])
+
+    def residual(scale):
+        pert = [np.where(m, scale * z, 1e3) for m, z in zip(masks, noise)]
+        d = first_order(spec, *errors(x, pert), basis).numpy()
+        H1, _ = gamma_matrices(x, basis, [np.where(m, p, 0) for m, p in zip(masks, pert)])
+        exact = scipy.linalg.eigh(H1, S, eigvals_only=True, subset_by_index=[0, k - 1]) - e0
+        d, exact = (np.bincount(cluster, v) for v in (d, exact))
+        assert np.abs(exact).mean() > 0.3 * scale  # the levels move measurably
+        return np.abs(d - exact).max(), np.abs(exact).max()
+
+    big, size = residual(4e-4)  # 0.4 meV per element
+    small, _ = residual(1e-4)
+    assert big < 0.1 * size  # first order: the rest is second order ...
+    assert small < big / 8  # ... and shrinks as the square of the perturbation (16x for 4x)
+
+def test_collated_batch_gives_each_structures_shifts(data):
+    ds, x, run = data["kp"]
+    samples = load_samples([ds], ds.basis, dtype=torch.float64, eig_empty=2)
+    pair = collate([samples[0], samples[0]])
+    assert [(no, eo) for no, _, eo, _, _ in pair.spectra] == [(0, 0), (samples[0].num_nodes, len(samples[0].src))]
+    rng = torch.Generator().manual_seed(1)
+    dn = torch.randn(pair.node_target.shape, generator=rng, dtype=torch.float64) * 1e-3
+    de = torch.randn(pair.edge_target.shape, generator=rng, dtype=torch.float64) * 1e-3
+    n, e = samples[0].num_nodes, len(samples[0].src)
+    sp = samples[0].spectra[0][4]
+    for i in range(2):
+        want = first_order(sp, dn[i * n:(i + 1) * n], de[i * e:(i + 1) * e], ds.basis)
+        no, nn_, eo, ee, spi = pair.spectra[i]
+        got = first_order(spi, dn[no:no + nn_], de[eo:eo + ee], ds.basis)
+        assert torch.equal(got, want)
+
+
+def test_train_with_the_eigenvalue_loss(tmp_path):
+    """`egnn train` with train.eig_weight logs the Γ-level error, and a step on the eigenvalue loss
+    alone lowers it (its gradient reaches the weights)."""
+    cfg = {"data": {"train": [KP, GAMMA], "val": [KP], "r_cut": R_CUT, "cache": str(tmp_path / "cache")},
+           "model": {"channels": 8, "layers": 1, "hidden": 8, "heads": 1, "num_rbf": 8},
+           "train": {"epochs": 3, "lr": 3e-3, "seed": 3, "eig_weight": 1.0, "eig_empty": 2},
+           "output": str(tmp_path / "run")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--json"]) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(x["val_eig_mae_meV"] > 0 and x["train_eig_mae_meV"] > 0 for x in lines)
+    assert lines[-1]["val_eig_mae_meV"] < lines[0]["val_eig_mae_meV"]
+
+
+def test_eigenvalue_loss_needs_overlap(tmp_path, capsys):
+    from egnn.dataset import convert
+
+    convert([KP], str(tmp_path / "ds"), r_cut=R_CUT, overlap=False)
+    cfg = {"data": {"train": [str(tmp_path / "ds")], "val": [], "r_cut": R_CUT},
+           "model": {"channels": 8, "layers": 1, "hidden": 8, "heads": 1, "num_rbf": 8},
+           "train": {"epochs": 1, "eig_weight": 0.5}, "output": str(tmp_path / "run")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) != 0
+    assert "converted without S, which train.eig_weight needs" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run" / "best.pt")
+
+
+class Oracle(torch.nn.Module):
+    """Returns the DFT targets of one sample, plus `delta` on the edge blocks within [lo, hi) Å."""
+
+    def __init__(self, x, basis, delta=0.0, lo=0.0, hi=0.0):
+        super().__init__()
+        self.basis, self.x = basis, x
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        r = torch.from_numpy(np.linalg.norm(x.graph.vec, axis=1))
+        self.edge_delta = delta * ((r >= lo) & (r < hi)).double()[:, None, None] * x.edge_mask
+
+    def forward(self, species, src, dst, vec, edge_chunk=None):
+        return self.x.node_target.double(), self.x.edge_target.double() + self.edge_delta
+
+
+def test_evaluate_splits_the_level_errors_by_distance(data):
+    """A prediction that is exact but for a 1 meV bias on every element of the 4-6 Å edges: the
+    per-shell decomposition puts the shift there (and the cut-off's share beyond r_cut), and the
+    shell's share equals the real change of the eigenvalues."""
+    from egnn.evaluate import evaluate_sample
+
+    ds, _, run = data["kp"]
+    ds.overlap, ds.dtype = True, torch.float64
+    x = ds[0]
+    exact = evaluate_sample(Oracle(x, ds.basis), x, name="exact", source=run)
+    biased = evaluate_sample(Oracle(x, ds.basis, 1e-3, 4.0, 6.0), x, name="biased", source=run)
+    for res, shell in ((exact, None), (biased, "4-6")):
+        by = {b["shell"]: b for b in res["eig_by_distance"]}
+        assert list(by) == ["node", "0-2", "2-3", "3-4", "4-6", "6-inf", "beyond r_cut"]
+        for name, b in by.items():
+            if name not in (shell, "beyond r_cut"):
+                assert b["occ_shift_meV"] == 0 and b["gap_meV"] == 0
+    level = lambda r: 1000 * r["_arrays"]["eig_d"][:-1].mean()  # noqa: E731
+    moved = {b["shell"]: b for b in biased["eig_by_distance"]}["4-6"]["occ_shift_meV"]
+    assert abs(moved) > 1.0  # 1 meV per element adds up to more on the levels
+    assert abs(moved - (level(biased) - level(exact))) < 0.05 * abs(moved)
