@@ -1,6 +1,11 @@
 """Training: config validation, output statistics, the L1 + L2 masked loss, the epoch loop with
 ReduceLROnPlateau, JSON-lines metrics, checkpoints (every N epochs, the best, exact resume).
 
+The loss is the element loss (L1 + L2 over unpadded coupled-basis elements, node blocks weighted by
+`train.node_weight`) plus, with `train.eig_weight` > 0, the same L1 + L2 of the first-order Γ-level
+errors of each structure (its occupied levels and `train.eig_empty` empty ones; egnn.spectral):
+what the eigenvalues see of the many small far blocks, which the element loss treats as independent.
+
 A training example is a `Sample`: one structure's graph and its coupled-basis targets with masks
 (built from DFT data by `egnn.dataset`). Several samples are joined into one disjoint graph per step.
 """
