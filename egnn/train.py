@@ -508,7 +508,7 @@ class Trainer:
         return {"format": "egnn-checkpoint-1", "model_config": self.model.config.to_dict(),
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "epoch": self.epoch, "best": self.best,
-                "train_config": self.cfg, "config": self.config_dict,
+                "train_config": self.cfg, "config": self.config_dict, "best_loss": self._loss_definition(),
                 "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def save(self, path: str) -> None:
@@ -522,8 +522,18 @@ class Trainer:
         if self.scaler and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.best = ck["epoch"], ck["best"]
+        old = ck.get("best_loss") or {k: (ck.get("train_config") or {}).get(k, TRAIN_DEFAULTS[k]) for k in LOSS_KEYS}
+        if old != self._loss_definition():
+            # a best value measured with another loss would keep best.pt from ever being written again
+            self.log(f"resume: the loss differs from the one the checkpoint's best was measured with ({old} -> "
+                     f"{self._loss_definition()}); best.pt restarts from this run's validation losses")
+            self.best = math.inf
+
+    def _loss_definition(self) -> dict:
+        return {k: self.cfg.get(k, TRAIN_DEFAULTS[k]) for k in LOSS_KEYS}
 
 
+LOSS_KEYS = ("l1", "l2", "node_weight", "eig_weight", "eig_empty")  # what the validation loss (and best.pt) means
 STAT_KEYS = ("node_abs", "node_n", "edge_abs", "edge_n", "eig_abs", "eig_n")
 
 

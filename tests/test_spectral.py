@@ -171,3 +171,24 @@ def test_evaluate_splits_the_level_errors_by_distance(data):
     moved = {b["shell"]: b for b in biased["eig_by_distance"]}["4-6"]["occ_shift_meV"]
     assert abs(moved) > 1.0  # 1 meV per element adds up to more on the levels
     assert abs(moved - (level(biased) - level(exact))) < 0.05 * abs(moved)
+
+
+def test_resume_with_another_loss_restarts_best(tmp_path, capsys):
+    """A best value measured with the element loss alone would block best.pt for good once the
+    eigenvalue term is added on resume; the trainer restarts it and says so."""
+    from egnn import checkpoint
+
+    def config(name, **train):
+        cfg = {"data": {"train": [KP], "val": [KP], "r_cut": R_CUT, "cache": str(tmp_path / "cache")},
+               "model": {"channels": 8, "layers": 1, "hidden": 8, "heads": 1, "num_rbf": 8},
+               "train": {"lr": 3e-3, "seed": 3, **train}, "output": str(tmp_path / "run")}
+        (tmp_path / name).write_text(yaml.safe_dump(cfg))
+        return str(tmp_path / name)
+
+    assert main(["train", config("a.yaml", epochs=2)]) == 0
+    assert checkpoint.load(str(tmp_path / "run" / "best.pt"))["best_loss"]["eig_weight"] == 0.0
+    b = config("b.yaml", epochs=3, eig_weight=1.0)
+    assert main(["train", b, "--resume", str(tmp_path / "run" / "last.pt")]) == 0
+    assert "best.pt restarts" in capsys.readouterr().out
+    best = checkpoint.load(str(tmp_path / "run" / "best.pt"))
+    assert best["epoch"] == 3 and best["best_loss"]["eig_weight"] == 1.0
