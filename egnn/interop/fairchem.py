@@ -25,8 +25,8 @@ SO(2)-equivariant (S2 on a grid) included.
 
 Not covered (a clear EgnnError): graph parallelism (gp_utils), MoLE experts that are not merged
 (fairchem's merge_mole), Wigner matrices in a compact layout (the fused GPU backends).
-EquiformerV2 (fairchem 1.x) is not swapped by this module: its layers map onto egnn.nn's options
-(EdgeRotation(rescale=True), SO2Convolution(act="separable_s2", extra_first=True)); see README.
+EquiformerV2 (fairchem 1.x, whose source fairchem 2.x no longer ships): its graph attention is
+swapped too when its module is importable (egnn.interop.fairchem_eqv2.EqV2Attention).
 """
 from __future__ import annotations
 
@@ -41,16 +41,16 @@ from ..nn.activation import GateActivation, SeparableS2Activation
 from ..nn.fused import recompute
 from ..nn.so2 import SO2Convolution, m_major_degrees
 
-__all__ = ["swap_layers", "restore_layers", "UMAEdgewise", "frames_from_wigner", "so2_conv_from_fairchem",
+__all__ = ["swap_layers", "restore_layers", "UMAEdgewise", "EqV2Attention", "frames_from_wigner", "so2_conv_from_fairchem",
            "so2_conv_to_fairchem"]
 
 
 def _fairchem_edgewise_class():
+    """fairchem 2.x's eSCN-MD/UMA Edgewise, or None where that fairchem is not installed."""
     try:
         from fairchem.core.models.uma.escn_md_block import Edgewise
-    except ImportError as exc:
-        raise InputError("egnn.interop.fairchem needs fairchem-core 2.x (pip install 'egnn[fairchem]'): "
-                         f"{exc}") from exc
+    except ImportError:
+        return None
     return Edgewise
 
 
@@ -177,6 +177,14 @@ class UMAEdgewise(nn.Module):
         return self._scatter(n, torch.bmm(wigner_inv_envelope, y), target)
 
 
+def __getattr__(name):
+    if name == "EqV2Attention":
+        from .fairchem_eqv2 import EqV2Attention
+
+        return EqV2Attention
+    raise AttributeError(name)
+
+
 def _replace(model: nn.Module, match, make) -> int:
     count = 0
     for parent in list(model.modules()):
@@ -188,27 +196,43 @@ def _replace(model: nn.Module, match, make) -> int:
 
 
 def swap_layers(model: nn.Module, backend: str = "auto", memory_lean: bool = True) -> nn.Module:
-    """Replace every fairchem eSCN-MD / UMA `Edgewise` in `model` (a backbone, or any model holding
-    one) by egnn's `UMAEdgewise` with the same weights, in place; returns the model.
+    """Replace, in place, every fairchem eSCN-MD / UMA `Edgewise` in `model` (a backbone, or any
+    model holding one) by egnn's `UMAEdgewise`, and every EquiformerV2 (fairchem 1.x)
+    `SO2EquivariantGraphAttention` (the blocks' attention and the force head's) by egnn's
+    `EqV2Attention`, with the same weights; returns the model.
     `backend`: egnn's kernels backend ("auto": Triton on CUDA, PyTorch on CPU); `memory_lean`:
     one recompute region per block (autograd keeps no per-edge activations)."""
-    Edgewise = _fairchem_edgewise_class()
-    n = _replace(model, lambda m: isinstance(m, Edgewise), lambda m: UMAEdgewise(m, backend, memory_lean))
+    from .fairchem_eqv2 import EqV2Attention, attention_class
+
+    Edgewise, Attention = _fairchem_edgewise_class(), attention_class()
+    if Edgewise is None and Attention is None:
+        raise InputError("egnn.interop.fairchem needs fairchem-core: 2.x for eSCN-MD/UMA (pip install 'egnn[fairchem]'),"
+                         " or 1.x's EquiformerV2 (importable as fairchem.core.models.equiformer_v2)")
+    n = 0
+    if Edgewise is not None:
+        n += _replace(model, lambda m: isinstance(m, Edgewise), lambda m: UMAEdgewise(m, backend, memory_lean))
+    if Attention is not None:
+        n += _replace(model, lambda m: isinstance(m, Attention), lambda m: EqV2Attention(m, backend, memory_lean))
     if n == 0:
-        raise InputError(f"swap_layers: no fairchem eSCN-MD/UMA Edgewise module in {type(model).__name__} "
-                         "(supported: fairchem.core.models.uma backbones with the general execution backend)")
+        raise InputError(f"swap_layers: no fairchem eSCN-MD/UMA Edgewise or EquiformerV2 SO2EquivariantGraphAttention "
+                         f"module in {type(model).__name__} (supported: fairchem 2.x UMA/eSCN-MD backbones with the "
+                         "general execution backend, fairchem 1.x EquiformerV2 backbones and heads)")
     return model
 
 
 def restore_layers(model: nn.Module) -> nn.Module:
-    """Put fairchem's own Edgewise modules back, with egnn's (possibly trained) weights converted
-    back into them; returns the model."""
+    """Put fairchem's own modules back, with egnn's (possibly trained) weights converted back into
+    them; returns the model."""
+    from .fairchem_eqv2 import EqV2Attention
+
     def back(m: UMAEdgewise):
         ew = m._fairchem
         so2_conv_to_fairchem(m.conv.lin1, ew.so2_conv_1)
         so2_conv_to_fairchem(m.conv.lin2, ew.so2_conv_2)
         return ew
 
-    if _replace(model, lambda m: isinstance(m, UMAEdgewise), back) == 0:
+    n = _replace(model, lambda m: isinstance(m, UMAEdgewise), back)
+    n += _replace(model, lambda m: isinstance(m, EqV2Attention), lambda m: m.to_fairchem())
+    if n == 0:
         raise InputError("restore_layers: the model holds no layer swapped by egnn.interop.fairchem.swap_layers")
     return model

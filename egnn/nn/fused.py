@@ -42,13 +42,13 @@ class _Recompute(torch.autograd.Function):
         # otherwise on detached copies (nothing retained)
         higher = torch.is_grad_enabled()
         ins = [(t.view_as(t) if higher and t.requires_grad else t.detach().requires_grad_(t.requires_grad))
-               if t.is_floating_point() else t for t in ctx.saved_tensors]
+               if t is not None and t.is_floating_point() else t for t in ctx.saved_tensors]
         with torch.enable_grad():
             out = ctx.run(*ins)
-        wanted = [t for t in list(ins) + list(ctx.params) if t.requires_grad]
+        wanted = [t for t in list(ins) + list(ctx.params) if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True, create_graph=higher)) if wanted \
             else iter(())
-        res = [next(grads) if t.requires_grad else None for t in list(ins) + list(ctx.params)]
+        res = [next(grads) if t is not None and t.requires_grad else None for t in list(ins) + list(ctx.params)]
         return (None, None, *res)
 
 
