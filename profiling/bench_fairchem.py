@@ -9,8 +9,11 @@ edge vectors) are captured once, then per round:
   fairchem+ckpt     the same with fairchem's activation checkpointing (one chunk)
   egnn              UMAEdgewise (egnn.interop.fairchem), memory_lean=False
   egnn+recompute    UMAEdgewise, memory_lean=True (the default of swap_layers)
-forward only, and forward + backward with gradients to the node embeddings, the radial features,
-the Wigner matrices (forces) and the weights. Ratios are egnn / fairchem (< 1: egnn faster).
+forward only; forward + backward with gradients to the node embeddings, the radial features and
+the weights ("f+b", training on energies); and the same plus gradients to the Wigner matrices
+("f+b F", forces and stress through the frames). Ratios are egnn / fairchem (< 1: egnn faster).
+egnn+recompute's backward reruns the block only up to the activation (UMAEdgewise on the PyTorch
+backend), and the second SO(2) linear once more without a graph in the "F" case.
 
     OMP_NUM_THREADS=1 python profiling/bench_fairchem.py [--lmax 4 6] [--mmax 2] [--channels 64 128]
                                                          [--repeat 3] [--rounds 7] [--threads 1]
@@ -59,8 +62,9 @@ def capture(lmax, mmax, C, repeat, dtype=torch.float32):
     return ew, (x.detach(), x_edge.detach(), edge_index, wigner.detach(), wigner_inv.detach()), target, len(atoms)
 
 
-def step(layer, ins, target, n, backward):
+def step(layer, ins, target, n, backward, forces=True):
     x, x_edge, ei, w, wi = [t.detach().requires_grad_(backward) if t.is_floating_point() else t for t in ins]
+    w, wi = w.requires_grad_(backward and forces), wi.requires_grad_(backward and forces)
     with torch.set_grad_enabled(backward):
         out = layer(x, x_edge, ei, w, wi, total_atoms_across_gp_ranks=n, scatter_target=target)
         if backward:
@@ -91,8 +95,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = []
-    print(f"{'lmax':>4} {'mmax':>4} {'C':>4} {'edges':>6}  {'fwd':>5} {'f+b':>5} {'f+b lean':>8} {'fc ckpt':>7}   "
-          f"{'fc B/edge':>9} {'fc ckpt B/edge':>14} {'egnn lean B/edge':>16}   max|diff|")
+    print(f"{'lmax':>4} {'mmax':>4} {'C':>4} {'edges':>6}  {'fwd':>5} {'f+b':>5} {'lean':>5} {'fc ckpt':>7} "
+          f"{'f+b F':>6} {'lean F':>6} {'fc ckpt F':>9}   {'fc B/edge':>9} {'fc ckpt B/edge':>14} "
+          f"{'egnn lean B/edge':>16}   max|diff|")
     for lmax in a.lmax:
         for mmax in a.mmax:
             for C in a.channels:
@@ -107,11 +112,11 @@ def main(argv=None):
                 r = dict(lmax=lmax, mmax=mmax, channels=C, edges=E, atoms=n, threads=a.threads, max_abs_diff=diff)
                 for name in paths:  # warm-up
                     step(paths[name], ins, target, n, True)
-                for mode, bwd in (("fwd", False), ("fwdbwd", True)):
+                for mode, bwd, forces in (("fwd", False, False), ("fwdbwd", True, False), ("fwdbwdF", True, True)):
                     t = {k: [] for k in paths}
                     for _ in range(a.rounds):  # interleaved: the machine's load hits every path alike
                         for k, layer in paths.items():
-                            t[k].append(timed(lambda layer=layer: step(layer, ins, target, n, bwd)))
+                            t[k].append(timed(lambda layer=layer: step(layer, ins, target, n, bwd, forces)))
                     for k in paths:
                         r[f"{k}_{mode}_s"] = statistics.median(t[k])
                         if k != "fc":
@@ -125,10 +130,13 @@ def main(argv=None):
                     r[f"{k}_saved_B_per_edge"] = nbytes / E
                 rows.append(r)
                 print(f"{lmax:>4} {mmax:>4} {C:>4} {E:>6}  {r['egnn_fwd_ratio']:>5.2f} {r['egnn_fwdbwd_ratio']:>5.2f} "
-                      f"{r['egnn_lean_fwdbwd_ratio']:>8.2f} {r['fc_ckpt_fwdbwd_ratio']:>7.2f}   "
+                      f"{r['egnn_lean_fwdbwd_ratio']:>5.2f} {r['fc_ckpt_fwdbwd_ratio']:>7.2f} "
+                      f"{r['egnn_fwdbwdF_ratio']:>6.2f} {r['egnn_lean_fwdbwdF_ratio']:>6.2f} "
+                      f"{r['fc_ckpt_fwdbwdF_ratio']:>9.2f}   "
                       f"{r['fc_saved_B_per_edge']:>9.0f} {r['fc_ckpt_saved_B_per_edge']:>14.0f} "
                       f"{r['egnn_lean_saved_B_per_edge']:>16.0f}   {diff:.1e}", flush=True)
-    print("ratios: time / fairchem's own Edgewise (fwd: forward only; f+b: forward + backward), median of "
+    print("ratios: time / fairchem's own Edgewise (fwd: forward only; f+b: forward + backward; F: with gradients "
+          "to the Wigner matrices), median of "
           f"{a.rounds} interleaved rounds, {a.threads} thread(s)")
     write_json(rows, a.out)
     return 0

@@ -201,6 +201,36 @@ def test_memory_lean_layers_keep_less_per_edge():
     assert nbytes["egnn"] * 8 < nbytes["fairchem"], nbytes
 
 
+
+@needs_uma
+@pytest.mark.parametrize("forces", [False, True])
+def test_lean_backward_stops_early_and_equals_the_plain_one(forces):
+    """The memory-lean backward (PyTorch backend) reruns the block only up to the activation: the
+    second SO(2) linear never runs again without gradients to the Wigner matrices, once (without a
+    graph) with them; every gradient equals the non-recompute layer's in float64."""
+    ref = uma(4, 2, "gate", layers=1).eval()
+    ew = ref.backbone.blocks[0].edge_wise
+    got = {}
+    h = ew.register_forward_pre_hook(lambda m, a, kw: got.update(args=a, kwargs=kw), with_kwargs=True)
+    run(ref, batch())
+    h.remove()
+    x, x_edge, ei, w, wi = got["args"][:5]
+    grads = {}
+    for lean in (False, True):
+        layer = UMAEdgewise(ew, memory_lean=lean)
+        ins = [x.detach().requires_grad_(), x_edge.detach().requires_grad_(),
+               w.detach().requires_grad_(forces), wi.detach().requires_grad_(forces)]
+        out = layer(ins[0], ins[1], ei, ins[2], ins[3], scatter_target=ei[1])
+        calls = []
+        hk = layer.conv.lin2.register_forward_hook(lambda *a: calls.append(1))
+        wanted = [t for t in ins if t.requires_grad] + [p for p in layer.parameters()]
+        grads[lean] = torch.autograd.grad(out.square().sum(), wanted)
+        hk.remove()
+        if lean:
+            assert len(calls) == int(forces)
+    for a, b in zip(grads[True], grads[False]):
+        assert rel(a, b) < 1e-12
+
 # ----------------------------------------------------------------------------- EquiformerV2 (fairchem 1.x)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAIRCHEM1 = pathlib.Path(os.environ.get("EGNN_FAIRCHEM1", ROOT / ".fairchem1"))

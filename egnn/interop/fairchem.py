@@ -38,7 +38,7 @@ from torch import nn
 from .. import kernels, so3
 from ..errors import InputError
 from ..nn.activation import GateActivation, SeparableS2Activation
-from ..nn.fused import recompute
+from ..nn.fused import recompute, rerun_backward
 from ..nn.so2 import SO2Convolution, m_major_degrees
 
 __all__ = ["swap_layers", "restore_layers", "UMAEdgewise", "EqV2Attention", "frames_from_wigner", "so2_conv_from_fairchem",
@@ -157,7 +157,10 @@ class UMAEdgewise(nn.Module):
         run = functools.partial(run, x.shape[0])
         if not self.memory_lean:
             return run(*ins)
-        return recompute(run, ins, list(self.conv.parameters()) + list(self.rad_func.parameters()))
+        params = list(self.conv.parameters()) + list(self.rad_func.parameters())
+        if run.func == self._messages_torch and torch.is_grad_enabled():
+            return _LeanTorchEdgewise.apply(self, run, len(ins), *ins, *[p for p in params if p.requires_grad])
+        return recompute(run, ins, params)
 
     def _scatter(self, n, out, target):
         return out.new_zeros((n,) + out.shape[1:]).index_add_(0, target, out)
@@ -172,9 +175,62 @@ class UMAEdgewise(nn.Module):
     def _messages_torch(self, n, x, x_edge, wigner, wigner_inv_envelope, src, dst, target):
         # fairchem's matrices are already the reduced Wigner-D (rows |m| <= mmax, m-major): one
         # batched GEMM each way beats per-degree blocks plus a reorder on CPU (profiling/bench_fairchem.py)
-        msg = kernels._torch_impl.gather_message(x, None, src, dst)
-        y, _ = self.conv(torch.bmm(wigner, msg), self.rad_func(x_edge))
+        y, _ = self.conv.lin2(self._hidden(x, x_edge, wigner, src, dst))
         return self._scatter(n, torch.bmm(wigner_inv_envelope, y), target)
+
+    def _hidden(self, x, x_edge, wigner, src, dst):
+        """gather, rotate, first SO(2) linear (radially scaled), activation: what the recompute of
+        the memory-lean backward reruns (_LeanTorchEdgewise)."""
+        msg = kernels._torch_impl.gather_message(x, None, src, dst)
+        h, s = self.conv.lin1(torch.bmm(wigner, msg), self.rad_func(x_edge))
+        k = self.conv.act.num_scalars
+        return self.conv.act(h, s[:, :k])
+
+
+class _LeanTorchEdgewise(torch.autograd.Function):
+    """UMAEdgewise's memory-lean region on the PyTorch backend: saves only the block's inputs, and
+    its backward reruns the block only up to the activation. The rest (second SO(2) linear, rotation
+    back, sum onto the targets) is linear in what it is given, so its backward needs its inputs,
+    not its outputs: grad_y = W_invᵀ·g[target] and the second linear's gradients by hand
+    (kernels._torch_impl.so2_linear_vjp), never forming y. Only with gradients to the inverse
+    Wigner matrices (forces, stress) is y formed (without a graph), for grad W_inv = g[target]·yᵀ.
+    create_graph (forces inside a loss) reruns the whole block with its graph (rerun_backward)."""
+
+    @staticmethod
+    def forward(ctx, layer, run, n_in, *args):
+        ctx.layer, ctx.run, ctx.n_in, ctx.params = layer, run, n_in, args[n_in:]
+        ctx.save_for_backward(*args[:n_in])
+        with torch.no_grad():
+            return run(*args[:n_in])
+
+    @staticmethod
+    def backward(ctx, g):
+        saved, params, layer = ctx.saved_tensors, ctx.params, ctx.layer
+        if torch.is_grad_enabled():
+            return (None, None, None, *rerun_backward(ctx.run, saved, params, g))
+        x, x_edge, w, w_inv, src, dst, target = saved
+        head = [t.detach().requires_grad_(t.requires_grad) for t in (x, x_edge, w)]
+        with torch.enable_grad():
+            a = layer._hidden(*head, src, dst)
+        lin2 = layer.conv.lin2
+        g_e = g.index_select(0, target)
+        grad_w_inv = None
+        if w_inv.requires_grad:
+            with torch.no_grad():
+                y, _ = lin2(a.detach())
+            grad_w_inv = torch.bmm(g_e, y.transpose(1, 2))
+        ad = a.detach()
+        ga, gw0, gb0, gws = kernels._torch_impl.so2_linear_vjp(ad, lin2.m0.weight.detach(), [w.detach() for w in lin2.w],
+                                                             torch.bmm(w_inv.transpose(1, 2), g_e), lin2.lmax,
+                                                             lin2.mmax, lin2.cout)
+        by_lin2 = {id(lin2.m0.weight): gw0, id(lin2.m0.bias): gb0, **{id(w): gw for w, gw in zip(lin2.w, gws)}}
+        rest = [p for p in params if id(p) not in by_lin2]
+        wanted = [t for t in head if t.requires_grad] + rest
+        grads = iter(torch.autograd.grad(a, wanted, ga, allow_unused=True)) if wanted else iter(())
+        g_head = [next(grads) if t.requires_grad else None for t in head]
+        g_rest = {id(p): next(grads) for p in rest}
+        g_params = [by_lin2[id(p)] if id(p) in by_lin2 else g_rest[id(p)] for p in params]
+        return (None, None, None, *g_head, grad_w_inv, None, None, None, *g_params)
 
 
 def __getattr__(name):
