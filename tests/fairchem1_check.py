@@ -154,6 +154,34 @@ def main(folder: str, cases: list[str]) -> dict:
             twin = run(swap_layers(copy.deepcopy(ref), backend="torch"), b, grad=False)
             tri = run(swap_layers(copy.deepcopy(ref), backend="triton"), b, grad=False)
             results[case] = {"vs_twin": compare(tri, twin), "vs_fairchem": compare(tri, run(ref, b, grad=False))}
+        elif name == "memory":  # what autograd keeps per edge in one block's graph attention, beyond its inputs
+            res = {}
+            ref = make(4, 2, "separable_s2")
+            for tag, m in (("fairchem", ref), ("egnn", swap_layers(copy.deepcopy(ref)))):
+                got = {}
+                ga = m.backbone.blocks[0].ga
+                h = ga.register_forward_pre_hook(lambda mod, a, got=got: got.update(args=a))
+                run(m, batch(torch.float64), grad=False)
+                h.remove()
+                x, z, dist, ei = got["args"][:4]
+                x = x.clone()
+                x.embedding = x.embedding.detach().requires_grad_()
+                dist = dist.detach().requires_grad_()
+                rot = m.backbone.SO3_rotation[0]
+                skip = {t.untyped_storage().data_ptr() for t in [*m.parameters(), x.embedding, dist, rot.wigner,
+                                                                   rot.wigner_inv]}
+                E, seen = ei.shape[1], {}
+
+                def pack(t, skip=skip, seen=seen, E=E):  # per-edge tensors (leading dimension E or edge_index)
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in skip and t.dim() and (t.shape[0] == E or t.untyped_storage().nbytes() % (8 * E) == 0):
+                        seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+                    return t
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    ga(x, z, dist, ei)
+                res[tag] = sum(seen.values()) / E
+            results[case] = res
         elif name == "errors":
             res = {}
             try:

@@ -12,7 +12,7 @@ sum onto the targets, per-degree projection.
 inputs, not its per-edge activations): egnn.nn.SO2Convolution with the block's weights (extra
 outputs reordered once: fairchem keeps the attention scalars first, egnn the activation's), the
 activation on fairchem's grid matrices, and on the PyTorch backend one batched GEMM each way with
-fairchem's own Wigner matrices (rows reordered to m-major once per forward, shared by all blocks);
+fairchem's own Wigner matrices (rows |m| <= mmax taken in m-major order inside the region);
 on the Triton backend the kernels rebuild each frame from the edge direction and roll read from
 the l = 1 block of those matrices, and the rotation back is fused into the attention aggregation.
 fairchem's own modules that are not SO(2) layers (radial MLPs, atom-edge embeddings, attention
@@ -153,10 +153,10 @@ class EqV2Attention(nn.Module):
             raise InputError("egnn's swapped layers do not support fairchem's graph parallelism; restore_layers(model) "
                              "or run without gp")
         src, dst = edge_index[0], edge_index[1]
-        x_edge = edge_distance
-        if self.source_embedding is not None:
-            x_edge = torch.cat((edge_distance, self.source_embedding(atomic_numbers[src]),
-                                self.target_embedding(atomic_numbers[dst])), dim=1)
+        # the edge features [distances | atom embeddings] are built inside the region (from the
+        # distances, which the model holds for all blocks): with EquiformerV2's 600 Gaussians they
+        # would be ~5 kB per edge kept
+        x_edge = (edge_distance, atomic_numbers)
         emb = x.embedding
         E = src.shape[0]
         target = dst - node_offset if node_offset else dst
@@ -170,32 +170,24 @@ class EqV2Attention(nn.Module):
         rot = ga.SO3_rotation[0]
         if kernels.backend.resolve(self.backend, emb.device, self.lmax, emb.dtype) == "triton":
             vec, roll = frame_roll(rot.wigner[:, 1:4, 1:4])  # l = 1 block = the frame (e3nn's basis)
-            ins, run = (emb, x_edge, vec, roll, src, dst, target, mask), self._messages_triton
+            ins, run = (emb, *x_edge, vec, roll, src, dst, target, mask), self._messages_triton
         else:
-            w, w_inv = self._wigner(rot)
-            ins, run = (emb, x_edge, w, w_inv, src, dst, target, mask), self._messages_torch
+            # fairchem's Wigner matrices [E, (L+1)², (L+1)²] (detached, held by fairchem for all blocks)
+            ins, run = (emb, *x_edge, rot.wigner, src, dst, target, mask), self._messages_torch
         run = functools.partial(run, emb.shape[0], emb.shape[0] + int(node_offset))  # softmax over edge_index[1]
-        params = [p for m in (self.conv, self.rad_func, self.alpha_norm) for p in m.parameters()] + [self.alpha_dot]
+        mods = [self.conv, self.rad_func, self.alpha_norm] + \
+            ([self.source_embedding, self.target_embedding] if self.source_embedding is not None else [])
+        params = [p for m in mods for p in m.parameters()] + [self.alpha_dot]
         out = run(*ins) if not self.memory_lean else recompute(run, ins, params)
         msg = type(x)(0, x.lmax_list.copy(), out.shape[-1], device=x.device, dtype=x.dtype)
         msg.set_embedding(out)
         msg.set_lmax_mmax(x.lmax_list.copy(), x.lmax_list.copy())
         return self.proj(msg)
 
-    def _wigner(self, rot):
-        """fairchem's Wigner matrices [E, (L+1)², (L+1)²] as the m-major reduced rotation [E, K_m,
-        (L+1)²] and the rescaled inverse [E, (L+1)², K_m]; once per forward, shared by the blocks."""
-        cache = rot.__dict__.get("_egnn_wigner")
-        key = (self.lmax, self.mmax)
-        if cache is None or cache[0] is not rot.wigner:
-            cache = (rot.wigner, {})
-            rot.__dict__["_egnn_wigner"] = cache
-        if key not in cache[1]:
-            w = rot.wigner.index_select(1, self.perm.to(rot.wigner.device))
-            cache[1][key] = (w, w.transpose(1, 2) * self.rescale.to(w.device, w.dtype).view(1, -1, 1))
-        return cache[1][key]
-
-    def _scale(self, x_edge):
+    def _scale(self, dist, z, src, dst):
+        x_edge = dist
+        if self.source_embedding is not None:
+            x_edge = torch.cat((dist, self.source_embedding(z[src]), self.target_embedding(z[dst])), dim=1)
         s = self.rad_func(x_edge)
         if self.m_share_rad:  # one weight per degree (and channel), applied before the rotation
             s = s.view(s.shape[0], self.lmax + 1, -1).index_select(1, self.slots.to(s.device))
@@ -210,18 +202,22 @@ class EqV2Attention(nn.Module):
         alpha = segment_softmax(logits, dst, n).to(logits.dtype)
         return alpha if mask is None else alpha * mask
 
-    def _messages_torch(self, n, nseg, emb, x_edge, w, w_inv, src, dst, target, mask):
+    def _messages_torch(self, n, nseg, emb, dist, z, wigner, src, dst, target, mask):
+        # the m-major rows |m| <= mmax of fairchem's matrices, inside the region: a copy per block
+        # (small next to the GEMMs), nothing per edge kept beyond what fairchem holds anyway
+        w = wigner.index_select(1, self.perm)
         msg = kernels._torch_impl.gather_message(emb, None, src, dst)
-        y, extra = self.conv(torch.bmm(w, msg), self._scale(x_edge))
+        y, extra = self.conv(torch.bmm(w, msg), self._scale(dist, z, src, dst))
         E = y.shape[0]
         alpha = self._weights(extra, dst, nseg, mask)
         y = (y.view(E, y.shape[1], self.heads, -1) * alpha.view(E, 1, self.heads, 1)).view_as(y)
-        out = torch.bmm(w_inv, y)
+        # back with Wᵀ, EquiformerV2's rescale on the output rows of degree l > mmax (as fairchem)
+        out = torch.bmm(w.transpose(1, 2) * self.rescale.to(w.dtype).view(1, -1, 1), y)
         return out.new_zeros((n,) + out.shape[1:]).index_add_(0, target, out)
 
-    def _messages_triton(self, n, nseg, emb, x_edge, vec, roll, src, dst, target, mask):
+    def _messages_triton(self, n, nseg, emb, dist, z, vec, roll, src, dst, target, mask):
         h = kernels.rotate_to_edge(emb, None, src, dst, vec, self.lmax, self.mmax, backend=self.backend, roll=roll)
-        y, extra = self.conv(h, self._scale(x_edge))
+        y, extra = self.conv(h, self._scale(dist, z, src, dst))
         logits, mask = self._logits(extra, mask)
         if mask is None:  # softmax, weighting, rotation back (rescaled) and the sum in one kernel
             return kernels.attention_aggregate(y, logits, target, n, vec, self.lmax, self.mmax, backend=self.backend,
