@@ -11,7 +11,8 @@ with per-(m, l) radial weights, gate or separable-S2 activation, SO(2) convoluti
 with the envelope, sum onto the targets) becomes a `UMAEdgewise`: the rotation into the edge frame
 (rows |m| <= mmax only), `egnn.nn.SO2Convolution` (fairchem's weights, extra outputs first, radial
 scale fused into the SO(2) linear), the rotation back and an index_add, in one recompute region
-(memory-lean: autograd keeps the block's inputs, not its per-edge activations). The rotations are
+(memory-lean: autograd keeps the block's inputs, not its per-edge activations; on the PyTorch
+backend its backward reruns the block only up to the activation, see _LeanTorchEdgewise). The rotations are
 egnn.kernels' rotate_to_edge / rotate_back on the Triton backend (frames rebuilt from the edge
 directions inside the kernels), and one batched GEMM with fairchem's own reduced m-major matrices
 on the PyTorch backend.
