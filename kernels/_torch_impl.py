@@ -117,11 +117,41 @@ def so2_linear(x, scale, w0, b0, ws, lmax: int, mmax: int, cout: int, extra_firs
         xm = xs[m].reshape(E, 2, n, -1)
         if ss is not None:
             xm = xm * ss[m].unsqueeze(1)
-        a, b = (xm.reshape(E, 2, -1) @ ws[m - 1]).view(E, 2, 2 * n * cout).unbind(1)  # x₊·[W1|W2], x₋·[W1|W2]
-        a1, a2 = a.view(E, 2, n, cout).unbind(1)
-        b1, b2 = b.view(E, 2, n, cout).unbind(1)
-        out += [a1 - b2, a2 + b1]
+        # (x₊ + i·x₋)(W1 + i·W2) with three real products instead of four (Gauss):
+        # k1 = (x₊ + x₋)W1, k2 = x₊(W2 − W1), k3 = x₋(W1 + W2); y₊ = k1 − k3, y₋ = k1 + k2.
+        # A quarter fewer GEMM flops forward and backward (autograd differentiates the three products)
+        xp, xn = xm.reshape(E, 2, -1).unbind(1)
+        w1, w2 = ws[m - 1].split(n * cout, dim=1)
+        k1 = (xp + xn) @ w1
+        k2 = xp @ (w2 - w1)
+        k3 = xn @ (w1 + w2)
+        out += [(k1 - k3).view(E, n, cout), (k1 + k2).view(E, n, cout)]
     return torch.cat(out, dim=1), extra
+
+
+def so2_linear_vjp(x, w0, ws, gy, lmax: int, mmax: int, cout: int):
+    """The backward of `so2_linear(x, None, w0, b0, ws, ...)` without extra outputs, by hand: (gx,
+    gw0, gb0, gws) for the output gradient gy [E, K_m, C_out], from x and the weights only (the
+    forward's output is never formed: a recompute can stop before this linear). The m > 0 blocks
+    use the same three products as the forward: 6 GEMMs per m, 8 with four products."""
+    E = x.shape[0]
+    sizes = so3.m_major_sizes(lmax, mmax)
+    n0 = sizes[0]
+    xs = x.split([n0] + [2 * n for n in sizes[1:]], dim=1)
+    gs = gy.split([n0] + [2 * n for n in sizes[1:]], dim=1)
+    g0, x0 = gs[0].reshape(E, -1), xs[0].reshape(E, -1)
+    gx = [(g0 @ w0).view(E, n0, -1)]
+    gw0, gb0, gws = g0.t() @ x0, g0.sum(0), []
+    for m, n in enumerate(sizes[1:], start=1):
+        xp, xn = xs[m].reshape(E, 2, -1).unbind(1)
+        gp, gm = gs[m].reshape(E, 2, -1).unbind(1)
+        w1, w2 = ws[m - 1].split(n * cout, dim=1)
+        g1 = gp + gm  # k1 = (x₊ + x₋)W1, k2 = x₊(W2 − W1), k3 = x₋(W1 + W2); y₊ = k1 − k3, y₋ = k1 + k2
+        gsum = g1 @ w1.t()
+        gx += [(gsum + gm @ (w2 - w1).t()).view(E, n, -1), (gsum - gp @ (w1 + w2).t()).view(E, n, -1)]
+        gd, gc = xp.t() @ gm, xn.t() @ gp  # x₊ᵀ g₋, x₋ᵀ g₊
+        gws.append(torch.cat([(xp + xn).t() @ g1 - gd - gc, gd - gc], dim=1))
+    return torch.cat(gx, dim=1), gw0, gb0, gws
 
 
 def segment_softmax(logits, dst, num_nodes: int):

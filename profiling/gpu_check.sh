@@ -7,7 +7,8 @@
 #   3. the compile lane's representative subset (resources on the real toolchain)
 #   4. benchmarks: one interaction layer, fused Triton vs the twins (messages/s, peak memory, saved
 #      bytes per edge, rotate_to_edge's fraction of HBM bandwidth); the message transform, Triton
-#      vs twins vs an EquiformerV2-style dense-Wigner reference
+#      vs twins vs an EquiformerV2-style dense-Wigner reference; fairchem's UMA block vs egnn's
+#      swapped layers (bench_fairchem.py, fp32, when fairchem-core is installed; a no-op otherwise)
 #   5. one profile of a training step with the NVTX ranges (nsys when on PATH, else torch.profiler)
 #   6. $OUT/gpu_check.json: one summary of everything above
 #
@@ -80,6 +81,22 @@ step "bench_message ($MSIZES)"
 (cd profiling && capped 60 $PY bench_message.py --sizes $MSIZES --reps 3 --out "$OUT/bench_message.json") \
   > "$OUT/bench_message.log" 2>&1; tail -n 4 "$OUT/bench_message.log"
 
+# fairchem's UMA message passing vs egnn's swapped layers (egnn.interop.fairchem), fp32, forward
+# and forward + backward (with and without gradients to the Wigner matrices), peak memory. Needs
+# fairchem-core (not on the lent GPU unless its wheel and small deps are carried in .whl): a no-op
+# that says so otherwise
+if $PY -c "import fairchem.core.models.uma.escn_md" > /dev/null 2>&1; then
+  if [ "$DRY" = 1 ]; then FC_ARGS="--device cpu --lmax 2 --channels 16 --repeat 2 --rounds 1";
+  else FC_ARGS="--device cuda --lmax 4 6 --channels 64 128 --repeat 6 --rounds 5"; fi
+  step "bench_fairchem ($FC_ARGS)"
+  (cd profiling && capped 120 $PY bench_fairchem.py $FC_ARGS --out "$OUT/bench_fairchem.json") \
+    > "$OUT/bench_fairchem.log" 2>&1; tail -n 8 "$OUT/bench_fairchem.log"
+else
+  step "bench_fairchem skipped"
+  echo "fairchem-core is not installed here: bench_fairchem (fairchem vs egnn's swapped layers) skipped; carry the" \
+    "fairchem-core wheel and its small dependencies in .whl to run it" | tee "$OUT/bench_fairchem.log"
+fi
+
 step "profile of one training step"
 if [ "$DRY" != 1 ] && command -v nsys >/dev/null; then
   NSYS_OUT="$OUT" capped 60 bash profiling/nsys_kernels.sh 3 8.0 > "$OUT/nsys.log" 2>&1
@@ -100,7 +117,8 @@ def load(name):
     with open(p) as f:
         return [json.loads(l) for l in f if l.strip()] if name.endswith(".jsonl") else json.load(f)
 s = {"steps": load("steps.jsonl"), "env": load("env.json"), "lane": load("lane.jsonl"), "bench_kernels": load("bench_kernels.json"),
-     "bench_message": load("bench_message.json"), "profile": load("profile_step.json")}
+     "bench_message": load("bench_message.json"), "bench_fairchem": load("bench_fairchem.json"),
+     "profile": load("profile_step.json")}
 log = os.path.join(out, "pytest_gpu.log")
 if os.path.isfile(log):
     lines = open(log).read().splitlines()

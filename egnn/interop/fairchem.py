@@ -11,7 +11,8 @@ with per-(m, l) radial weights, gate or separable-S2 activation, SO(2) convoluti
 with the envelope, sum onto the targets) becomes a `UMAEdgewise`: the rotation into the edge frame
 (rows |m| <= mmax only), `egnn.nn.SO2Convolution` (fairchem's weights, extra outputs first, radial
 scale fused into the SO(2) linear), the rotation back and an index_add, in one recompute region
-(memory-lean: autograd keeps the block's inputs, not its per-edge activations). The rotations are
+(memory-lean: autograd keeps the block's inputs, not its per-edge activations; on the PyTorch
+backend its backward reruns the block only up to the activation, see _LeanTorchEdgewise). The rotations are
 egnn.kernels' rotate_to_edge / rotate_back on the Triton backend (frames rebuilt from the edge
 directions inside the kernels), and one batched GEMM with fairchem's own reduced m-major matrices
 on the PyTorch backend.
@@ -25,8 +26,8 @@ SO(2)-equivariant (S2 on a grid) included.
 
 Not covered (a clear EgnnError): graph parallelism (gp_utils), MoLE experts that are not merged
 (fairchem's merge_mole), Wigner matrices in a compact layout (the fused GPU backends).
-EquiformerV2 (fairchem 1.x) is not swapped by this module: its layers map onto egnn.nn's options
-(EdgeRotation(rescale=True), SO2Convolution(act="separable_s2", extra_first=True)); see README.
+EquiformerV2 (fairchem 1.x, whose source fairchem 2.x no longer ships): its graph attention is
+swapped too when its module is importable (egnn.interop.fairchem_eqv2.EqV2Attention).
 """
 from __future__ import annotations
 
@@ -38,19 +39,19 @@ from torch import nn
 from .. import kernels, so3
 from ..errors import InputError
 from ..nn.activation import GateActivation, SeparableS2Activation
-from ..nn.fused import recompute
+from ..nn.fused import recompute, rerun_backward
 from ..nn.so2 import SO2Convolution, m_major_degrees
 
-__all__ = ["swap_layers", "restore_layers", "UMAEdgewise", "frames_from_wigner", "so2_conv_from_fairchem",
+__all__ = ["swap_layers", "restore_layers", "UMAEdgewise", "EqV2Attention", "frames_from_wigner", "so2_conv_from_fairchem",
            "so2_conv_to_fairchem"]
 
 
 def _fairchem_edgewise_class():
+    """fairchem 2.x's eSCN-MD/UMA Edgewise, or None where that fairchem is not installed."""
     try:
         from fairchem.core.models.uma.escn_md_block import Edgewise
-    except ImportError as exc:
-        raise InputError("egnn.interop.fairchem needs fairchem-core 2.x (pip install 'egnn[fairchem]'): "
-                         f"{exc}") from exc
+    except ImportError:
+        return None
     return Edgewise
 
 
@@ -157,7 +158,10 @@ class UMAEdgewise(nn.Module):
         run = functools.partial(run, x.shape[0])
         if not self.memory_lean:
             return run(*ins)
-        return recompute(run, ins, list(self.conv.parameters()) + list(self.rad_func.parameters()))
+        params = list(self.conv.parameters()) + list(self.rad_func.parameters())
+        if run.func == self._messages_torch and torch.is_grad_enabled():
+            return _LeanTorchEdgewise.apply(self, run, len(ins), *ins, *[p for p in params if p.requires_grad])
+        return recompute(run, ins, params)
 
     def _scatter(self, n, out, target):
         return out.new_zeros((n,) + out.shape[1:]).index_add_(0, target, out)
@@ -172,9 +176,70 @@ class UMAEdgewise(nn.Module):
     def _messages_torch(self, n, x, x_edge, wigner, wigner_inv_envelope, src, dst, target):
         # fairchem's matrices are already the reduced Wigner-D (rows |m| <= mmax, m-major): one
         # batched GEMM each way beats per-degree blocks plus a reorder on CPU (profiling/bench_fairchem.py)
-        msg = kernels._torch_impl.gather_message(x, None, src, dst)
-        y, _ = self.conv(torch.bmm(wigner, msg), self.rad_func(x_edge))
+        y, _ = self.conv.lin2(self._hidden(x, x_edge, wigner, src, dst))
         return self._scatter(n, torch.bmm(wigner_inv_envelope, y), target)
+
+    def _hidden(self, x, x_edge, wigner, src, dst):
+        """gather, rotate, first SO(2) linear (radially scaled), activation: what the recompute of
+        the memory-lean backward reruns (_LeanTorchEdgewise)."""
+        msg = kernels._torch_impl.gather_message(x, None, src, dst)
+        h, s = self.conv.lin1(torch.bmm(wigner, msg), self.rad_func(x_edge))
+        k = self.conv.act.num_scalars
+        return self.conv.act(h, s[:, :k])
+
+
+class _LeanTorchEdgewise(torch.autograd.Function):
+    """UMAEdgewise's memory-lean region on the PyTorch backend: saves only the block's inputs, and
+    its backward reruns the block only up to the activation. The rest (second SO(2) linear, rotation
+    back, sum onto the targets) is linear in what it is given, so its backward needs its inputs,
+    not its outputs: grad_y = W_invᵀ·g[target] and the second linear's gradients by hand
+    (kernels._torch_impl.so2_linear_vjp), never forming y. Only with gradients to the inverse
+    Wigner matrices (forces, stress) is y formed (without a graph), for grad W_inv = g[target]·yᵀ.
+    create_graph (forces inside a loss) reruns the whole block with its graph (rerun_backward)."""
+
+    @staticmethod
+    def forward(ctx, layer, run, n_in, *args):
+        ctx.layer, ctx.run, ctx.n_in, ctx.params = layer, run, n_in, args[n_in:]
+        ctx.save_for_backward(*args[:n_in])
+        with torch.no_grad():
+            return run(*args[:n_in])
+
+    @staticmethod
+    def backward(ctx, g):
+        saved, params, layer = ctx.saved_tensors, ctx.params, ctx.layer
+        if torch.is_grad_enabled():
+            return (None, None, None, *rerun_backward(ctx.run, saved, params, g))
+        x, x_edge, w, w_inv, src, dst, target = saved
+        head = [t.detach().requires_grad_(t.requires_grad) for t in (x, x_edge, w)]
+        with torch.enable_grad():
+            a = layer._hidden(*head, src, dst)
+        lin2 = layer.conv.lin2
+        g_e = g.index_select(0, target)
+        grad_w_inv = None
+        if w_inv.requires_grad:
+            with torch.no_grad():
+                y, _ = lin2(a.detach())
+            grad_w_inv = torch.bmm(g_e, y.transpose(1, 2))
+        ad = a.detach()
+        ga, gw0, gb0, gws = kernels._torch_impl.so2_linear_vjp(ad, lin2.m0.weight.detach(), [w.detach() for w in lin2.w],
+                                                             torch.bmm(w_inv.transpose(1, 2), g_e), lin2.lmax,
+                                                             lin2.mmax, lin2.cout)
+        by_lin2 = {id(lin2.m0.weight): gw0, id(lin2.m0.bias): gb0, **{id(w): gw for w, gw in zip(lin2.w, gws)}}
+        rest = [p for p in params if id(p) not in by_lin2]
+        wanted = [t for t in head if t.requires_grad] + rest
+        grads = iter(torch.autograd.grad(a, wanted, ga, allow_unused=True)) if wanted else iter(())
+        g_head = [next(grads) if t.requires_grad else None for t in head]
+        g_rest = {id(p): next(grads) for p in rest}
+        g_params = [by_lin2[id(p)] if id(p) in by_lin2 else g_rest[id(p)] for p in params]
+        return (None, None, None, *g_head, grad_w_inv, None, None, None, *g_params)
+
+
+def __getattr__(name):
+    if name == "EqV2Attention":
+        from .fairchem_eqv2 import EqV2Attention
+
+        return EqV2Attention
+    raise AttributeError(name)
 
 
 def _replace(model: nn.Module, match, make) -> int:
@@ -188,27 +253,43 @@ def _replace(model: nn.Module, match, make) -> int:
 
 
 def swap_layers(model: nn.Module, backend: str = "auto", memory_lean: bool = True) -> nn.Module:
-    """Replace every fairchem eSCN-MD / UMA `Edgewise` in `model` (a backbone, or any model holding
-    one) by egnn's `UMAEdgewise` with the same weights, in place; returns the model.
+    """Replace, in place, every fairchem eSCN-MD / UMA `Edgewise` in `model` (a backbone, or any
+    model holding one) by egnn's `UMAEdgewise`, and every EquiformerV2 (fairchem 1.x)
+    `SO2EquivariantGraphAttention` (the blocks' attention and the force head's) by egnn's
+    `EqV2Attention`, with the same weights; returns the model.
     `backend`: egnn's kernels backend ("auto": Triton on CUDA, PyTorch on CPU); `memory_lean`:
     one recompute region per block (autograd keeps no per-edge activations)."""
-    Edgewise = _fairchem_edgewise_class()
-    n = _replace(model, lambda m: isinstance(m, Edgewise), lambda m: UMAEdgewise(m, backend, memory_lean))
+    from .fairchem_eqv2 import EqV2Attention, attention_class
+
+    Edgewise, Attention = _fairchem_edgewise_class(), attention_class()
+    if Edgewise is None and Attention is None:
+        raise InputError("egnn.interop.fairchem needs fairchem-core: 2.x for eSCN-MD/UMA (pip install 'egnn[fairchem]'),"
+                         " or 1.x's EquiformerV2 (importable as fairchem.core.models.equiformer_v2)")
+    n = 0
+    if Edgewise is not None:
+        n += _replace(model, lambda m: isinstance(m, Edgewise), lambda m: UMAEdgewise(m, backend, memory_lean))
+    if Attention is not None:
+        n += _replace(model, lambda m: isinstance(m, Attention), lambda m: EqV2Attention(m, backend, memory_lean))
     if n == 0:
-        raise InputError(f"swap_layers: no fairchem eSCN-MD/UMA Edgewise module in {type(model).__name__} "
-                         "(supported: fairchem.core.models.uma backbones with the general execution backend)")
+        raise InputError(f"swap_layers: no fairchem eSCN-MD/UMA Edgewise or EquiformerV2 SO2EquivariantGraphAttention "
+                         f"module in {type(model).__name__} (supported: fairchem 2.x UMA/eSCN-MD backbones with the "
+                         "general execution backend, fairchem 1.x EquiformerV2 backbones and heads)")
     return model
 
 
 def restore_layers(model: nn.Module) -> nn.Module:
-    """Put fairchem's own Edgewise modules back, with egnn's (possibly trained) weights converted
-    back into them; returns the model."""
+    """Put fairchem's own modules back, with egnn's (possibly trained) weights converted back into
+    them; returns the model."""
+    from .fairchem_eqv2 import EqV2Attention
+
     def back(m: UMAEdgewise):
         ew = m._fairchem
         so2_conv_to_fairchem(m.conv.lin1, ew.so2_conv_1)
         so2_conv_to_fairchem(m.conv.lin2, ew.so2_conv_2)
         return ew
 
-    if _replace(model, lambda m: isinstance(m, UMAEdgewise), back) == 0:
+    n = _replace(model, lambda m: isinstance(m, UMAEdgewise), back)
+    n += _replace(model, lambda m: isinstance(m, EqV2Attention), lambda m: m.to_fairchem())
+    if n == 0:
         raise InputError("restore_layers: the model holds no layer swapped by egnn.interop.fairchem.swap_layers")
     return model

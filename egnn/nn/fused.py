@@ -36,20 +36,24 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # create_graph=True (forces that enter a loss): recompute on fresh views of the original
-        # inputs and keep the graph, so second derivatives are exact (views, not the inputs: the
-        # gradient w.r.t. each must not count paths through another input that depends on it);
-        # otherwise on detached copies (nothing retained)
-        higher = torch.is_grad_enabled()
-        ins = [(t.view_as(t) if higher and t.requires_grad else t.detach().requires_grad_(t.requires_grad))
-               if t.is_floating_point() else t for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            out = ctx.run(*ins)
-        wanted = [t for t in list(ins) + list(ctx.params) if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True, create_graph=higher)) if wanted \
-            else iter(())
-        res = [next(grads) if t.requires_grad else None for t in list(ins) + list(ctx.params)]
-        return (None, None, *res)
+        return (None, None, *rerun_backward(ctx.run, ctx.saved_tensors, ctx.params, grad))
+
+
+def rerun_backward(run, saved, params, grad):
+    """Gradients (for saved + params, None where not wanted) of run(*saved) for the output gradient
+    `grad`, by rerunning run under grad. create_graph=True (forces that enter a loss): recompute on
+    fresh views of the original inputs and keep the graph, so second derivatives are exact (views,
+    not the inputs: the gradient w.r.t. each must not count paths through another input that
+    depends on it); otherwise on detached copies (nothing retained)."""
+    higher = torch.is_grad_enabled()
+    ins = [(t.view_as(t) if higher and t.requires_grad else t.detach().requires_grad_(t.requires_grad))
+           if t is not None and t.is_floating_point() else t for t in saved]
+    with torch.enable_grad():
+        out = run(*ins)
+    every = list(ins) + list(params)
+    wanted = [t for t in every if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True, create_graph=higher)) if wanted else iter(())
+    return [next(grads) if t is not None and t.requires_grad else None for t in every]
 
 
 def recompute(run, inputs, params):
