@@ -711,25 +711,32 @@ def _prepare_output(cfg: TrainConfig, resume: str | None, overwrite: bool) -> No
         raise ConfigError(f"{cfg.source}: output {cfg.output} cannot be written ({parent} is not writable)")
 
 
-def _check_resume(path: str, mcfg: ModelConfig, cfg: TrainConfig) -> None:
+def _check_same_model(path: str, mcfg: ModelConfig, flag: str, fix: str) -> dict:
     ck = checkpoint.load(path)
     old, new = ck["model_config"], mcfg.to_dict()
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         show = "; ".join(f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in diff[:4])
-        raise ConfigError(f"--resume {path}: the checkpoint's model differs from the config's ({show}); resume with "
-                          "the config that made it, or start a new training")
+        raise ConfigError(f"{flag} {path}: the checkpoint's model differs from the config's ({show}); {fix}")
+    return ck
+
+
+def _check_resume(path: str, mcfg: ModelConfig, cfg: TrainConfig) -> None:
+    ck = _check_same_model(path, mcfg, "--resume", "resume with the config that made it, or start a new training")
     if ck.get("epoch", 0) >= cfg.train["epochs"]:
         raise ConfigError(f"--resume {path}: the checkpoint is at epoch {ck.get('epoch')}; --epochs (or train.epochs)"
                           f" must be larger than that to continue, got {cfg.train['epochs']}")
 
 
 def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
-                      overwrite: bool = False) -> dict:
-    """The whole `egnn train`: data, model, output statistics, epochs, checkpoints."""
+                      overwrite: bool = False, init: str | None = None) -> dict:
+    """The whole `egnn train`: data, model, output statistics, epochs, checkpoints. `init`: fine-tune,
+    starting from that checkpoint's weights, output statistics and reference (not refitted: the model
+    keeps predicting what it learned) with a new optimizer and scheduler."""
     _prepare_output(cfg, resume, overwrite)
-    if resume:
-        checkpoint.load(resume)  # a bad checkpoint fails before any data work
+    for ck_path in (resume, init):
+        if ck_path:
+            checkpoint.load(ck_path)  # a bad checkpoint fails before any data work
     seed_everything(int(cfg.train["seed"]))
     # converted run folders are cached outside the output folder, so a config that fails validation
     # leaves no output behind
@@ -744,6 +751,9 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     if resume:
         _check_resume(resume, mcfg, cfg)
     model = HamiltonianModel(mcfg)
+    if init:
+        _check_same_model(init, mcfg, "--init", "train with the checkpoint's model section, or without --init")
+        model.load_state_dict(checkpoint.load(init)["model"])
     config_dict = {"data": cfg.data, "model": cfg.model, "train": cfg.train, "output": cfg.output,
                    "partition": cfg.partition}
     trainer_cls = Trainer
@@ -753,7 +763,7 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     trainer = trainer_cls(model, train, val, cfg.train, cfg.output, config_dict=config_dict, **kw)
     if resume:
         trainer.load(resume)
-    else:
+    elif not init:
         fit_output_stats(model, train)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(cfg.output, "config.json"), "w") as f:

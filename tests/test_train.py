@@ -121,3 +121,33 @@ def test_bad_configs_fail_before_any_output(tmp_path, cache, capsys, change, mat
         from egnn.train import load_config, train_from_config
         train_from_config(load_config(str(path)))
     assert not (tmp_path / "out").exists()
+
+
+def test_init_fine_tunes_from_a_checkpoints_weights(tmp_path, cache, capsys):
+    """--init starts a new run (epochs from 1, new optimizer at train.lr) from the checkpoint's
+    weights and statistics: with a vanishing lr its first validation loss is the checkpoint's."""
+    a = write_config(tmp_path / "a.yaml", cache, tmp_path / "a", epochs=2)
+    assert main(["train", a, "--json"]) == 0
+    best_a = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["best"]
+    capsys.readouterr()
+    b = write_config(tmp_path / "b.yaml", cache, tmp_path / "b", epochs=1, lr=1e-12)
+    assert main(["train", b, "--json", "--init", str(tmp_path / "a" / "best.pt")]) == 0
+    got = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [x["epoch"] for x in got] == [1] and got[0]["lr"] == pytest.approx(1e-12)
+    assert got[0]["val_loss"] == pytest.approx(best_a, rel=1e-5)
+    # and its weights are the checkpoint's (up to the 1e-12 step), not a fresh initialisation
+    wa = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(wa[k].double(), wb[k].double(), rtol=0, atol=1e-9) for k in wa)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 1e-12
+
+def test_init_refuses_another_model(tmp_path, cache, capsys):
+    a = write_config(tmp_path / "a.yaml", cache, tmp_path / "a", epochs=1)
+    assert main(["train", a, "--json"]) == 0
+    cfg = yaml.safe_load(open(a))
+    cfg["model"] = {**cfg["model"], "channels": 16}
+    cfg["output"] = str(tmp_path / "b")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "b.yaml"), "--init", str(tmp_path / "a" / "best.pt")]) != 0
+    assert "the checkpoint's model differs from the config's (channels: checkpoint 8, config 16)" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "best.pt").exists()
