@@ -1,7 +1,8 @@
 """Accuracy of a checkpoint on the fixed HfO2 SZV data splits of README "Accuracy".
 
     .venv/bin/python profiling/accuracy_splits.py --checkpoint CK [--split NAME ...] [--out JSON]
-        [--export egnn/pretrained/hfo2_szv.pt]   # also write CK as the shipped checkpoint, card included
+        [--export egnn/pretrained/hfo2_szv.pt [--training "how it was trained"]]
+                                                 # also write CK as the shipped checkpoint, card included
 
 Splits (paths relative to the checkout; ../shared is the shared data, data/generated what
 `egnn data generate hfo2 -o data/generated` makes):
@@ -72,6 +73,11 @@ def print_table(res: dict) -> None:
              s.get("band_gap_mae", float("nan"))]
         print(f"{name:8s}{len(r['structures']):3d}" + "".join(f"{v:7.2f}" if i == 6 else f"{v:7.1f}"
                                                               for i, v in enumerate(f)))
+    print("where the Γ-level errors come from (egnn evaluate's eig_by_distance): mean shift of the occupied "
+          "levels / mean |gap change| per block shell, meV")
+    for name, r in res.items():
+        shells = r["result"].get("eig_by_distance", [])
+        print(f"{name:8s} " + "  ".join(f"{b['shell']} {b['occ_shift_meV']:+.0f}/{b['gap_meV_abs']:.0f}" for b in shells))
 
 
 def main(argv=None):
@@ -84,6 +90,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--export", default=None, help="write the checkpoint here as a shipped one (float32 weights "
                    "and a model card with these splits' figures; egnn.checkpoint.export)")
+    p.add_argument("--training", default=None, help="with --export: how the checkpoint was trained (stages, "
+                   "configs, minutes), for the card")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from egnn.train import model_from_checkpoint
@@ -107,7 +115,7 @@ def main(argv=None):
         card = {"trained_on": names(data.get("train", [])), "validated_on": names(data.get("val", [])),
                 "held_out": {k: {"structures": r["structures"], **r["summary"]} for k, r in res.items()},
                 "elements": sorted(model.basis.elements), "basis": model.basis.name,
-                "r_cut": float(model.config.r_cut),
+                "r_cut": float(model.config.r_cut), **({"training": a.training} if a.training else {}),
                 "limits": "HfO2 only (Hf, O), SZV-MOLOPT-SR-GTH, PBE as in shared/data/scripts; monoclinic-derived "
                           "cells, displacements 0.05-0.22 A, strain within 3 %; see README 'Accuracy'"}
         export(a.checkpoint, a.export, card)
