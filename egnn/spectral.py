@@ -29,7 +29,7 @@ import torch
 from . import blocks as B
 from .errors import InputError
 
-__all__ = ["Spectrum", "prepare", "first_order", "dense"]
+__all__ = ["Spectrum", "prepare", "first_order", "gamma_matrices", "dense"]
 
 
 @dataclass
@@ -70,23 +70,19 @@ def _block_sets(x):
              x.overlap["edge_target"])]
 
 
-def prepare(x, basis, n_occ: int, n_empty: int = 2, name: str = "") -> Spectrum:
-    """The Spectrum of an `egnn.dataset.Sample` loaded with overlap=True (see the module docstring)."""
+def gamma_matrices(x, basis, h_targets=None):
+    """(H(Γ), S(Γ), groups) of a dataset sample's blocks (images summed, symmetrised), groups as in
+    Spectrum. `h_targets`: coupled H blocks to use instead of the sample's, one array per block set
+    (node and edge, or the pairs of a folded sample)."""
     from ase.data import chemical_symbols
 
-    if not x.overlap:
-        raise InputError(f"{name}: the Γ-eigenvalue loss (train.eig_weight) needs S; the dataset was converted "
-                         "with --no-overlap. Re-run `egnn data convert` without it, or set train.eig_weight: 0")
     numbers = np.asarray(x.graph.numbers)
     offs = basis.orbital_offsets(numbers)
     n = int(offs[-1])
-    k = n_occ + n_empty
-    if k > n:
-        raise InputError(f"{name}: {n_occ} occupied + {n_empty} empty levels need more than the {n} orbitals of the "
-                         "basis; lower train.eig_empty")
     H, S, groups = np.zeros((n, n)), np.zeros((n, n)), []
-    for kind, rows, cols, ht, st in _block_sets(x):
-        ht, st = np.asarray(ht, np.float64), np.asarray(st, np.float64)
+    for j, (kind, rows, cols, ht, st) in enumerate(_block_sets(x)):
+        ht = np.asarray(ht if h_targets is None else h_targets[j], np.float64)
+        st = np.asarray(st, np.float64)
         for (za, zb), idx in B._species_groups(numbers[rows], numbers[cols]).items():
             a, b = chemical_symbols[za], chemical_symbols[zb]
             H += dense(n, offs, rows, cols, [(idx, B.from_coupled(ht[idx], a, b, basis))])
@@ -94,7 +90,20 @@ def prepare(x, basis, n_occ: int, n_empty: int = 2, name: str = "") -> Spectrum:
             r = offs[rows[idx]][:, None] + np.arange(basis.n_orbitals(a))
             c = offs[cols[idx]][:, None] + np.arange(basis.n_orbitals(b))
             groups.append((kind, a, b, torch.from_numpy(idx), torch.from_numpy(r), torch.from_numpy(c)))
-    H, S = 0.5 * (H + H.T), 0.5 * (S + S.T)
+    return 0.5 * (H + H.T), 0.5 * (S + S.T), groups
+
+
+def prepare(x, basis, n_occ: int, n_empty: int = 2, name: str = "") -> Spectrum:
+    """The Spectrum of an `egnn.dataset.Sample` loaded with overlap=True (see the module docstring)."""
+    if not x.overlap:
+        raise InputError(f"{name}: the Γ-eigenvalue loss (train.eig_weight) needs S; the dataset was converted "
+                         "with --no-overlap. Re-run `egnn data convert` without it, or set train.eig_weight: 0")
+    n = int(basis.orbital_offsets(np.asarray(x.graph.numbers))[-1])
+    k = n_occ + n_empty
+    if k > n:
+        raise InputError(f"{name}: {n_occ} occupied + {n_empty} empty levels need more than the {n} orbitals of the "
+                         "basis; lower train.eig_empty")
+    H, S, groups = gamma_matrices(x, basis)
     try:
         _, V = scipy.linalg.eigh(H, S, subset_by_index=[0, k - 1])
     except np.linalg.LinAlgError as exc:

@@ -711,8 +711,8 @@ def _prepare_output(cfg: TrainConfig, resume: str | None, overwrite: bool) -> No
         raise ConfigError(f"{cfg.source}: output {cfg.output} cannot be written ({parent} is not writable)")
 
 
-def _check_same_model(path: str, mcfg: ModelConfig, flag: str, fix: str) -> dict:
-    ck = checkpoint.load(path)
+def _check_same_model(path: str, mcfg: ModelConfig, flag: str, fix: str, ck: dict | None = None) -> dict:
+    ck = ck or checkpoint.load(path)
     old, new = ck["model_config"], mcfg.to_dict()
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
@@ -734,9 +734,9 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     starting from that checkpoint's weights, output statistics and reference (not refitted: the model
     keeps predicting what it learned) with a new optimizer and scheduler."""
     _prepare_output(cfg, resume, overwrite)
-    for ck_path in (resume, init):
-        if ck_path:
-            checkpoint.load(ck_path)  # a bad checkpoint fails before any data work
+    if resume:
+        checkpoint.load(resume)  # a bad checkpoint fails before any data work
+    init_ck = checkpoint.load(init) if init else None
     seed_everything(int(cfg.train["seed"]))
     # converted run folders are cached outside the output folder, so a config that fails validation
     # leaves no output behind
@@ -752,8 +752,8 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
         _check_resume(resume, mcfg, cfg)
     model = HamiltonianModel(mcfg)
     if init:
-        _check_same_model(init, mcfg, "--init", "train with the checkpoint's model section, or without --init")
-        model.load_state_dict(checkpoint.load(init)["model"])
+        _check_same_model(init, mcfg, "--init", "train with the checkpoint's model section, or without --init", init_ck)
+        model.load_state_dict(init_ck["model"])
     config_dict = {"data": cfg.data, "model": cfg.model, "train": cfg.train, "output": cfg.output,
                    "partition": cfg.partition}
     trainer_cls = Trainer

@@ -84,27 +84,29 @@ def frames_from_wigner(wigner: torch.Tensor, wigner_inv_envelope: torch.Tensor, 
 
 def _linear(mod, what):
     if type(mod) is not nn.Linear:
-        raise InputError(f"{what} is a {type(mod).__name__}, not a Linear: merge fairchem's MoLE experts first "
-                         "(merge_mole=True in the inference settings) or swap a model without MoLE")
+        raise InputError(f"{what} is a {type(mod).__name__}, not a Linear: for UMA merge fairchem's MoLE experts "
+                         "first (merge_mole=True in the inference settings) or swap a model without MoLE")
     return mod
 
 
-def so2_conv_from_fairchem(conv, lin) -> None:
+def so2_conv_from_fairchem(conv, lin, m0_perm=None) -> None:
     """Copy a fairchem SO2_Convolution's weights into an egnn SO2Linear (extra_first=True):
-    m0 = fc_m0 as is, w[m-1] = so2_m_conv[m-1].fc.weight.T."""
+    m0 = fc_m0 (its output rows in the order `m0_perm`, if given), w[m-1] = so2_m_conv[m-1].fc.weight.T."""
     with torch.no_grad():
         fc0 = _linear(conv.fc_m0, "fc_m0")
-        lin.m0.weight.copy_(fc0.weight)
-        lin.m0.bias.copy_(fc0.bias)
+        w, b = (fc0.weight, fc0.bias) if m0_perm is None else (fc0.weight[m0_perm], fc0.bias[m0_perm])
+        lin.m0.weight.copy_(w)
+        lin.m0.bias.copy_(b)
         for w, mc in zip(lin.w, conv.so2_m_conv):
             w.copy_(_linear(mc.fc, "so2_m_conv.fc").weight.t())
 
 
-def so2_conv_to_fairchem(lin, conv) -> None:
-    """The reverse of so2_conv_from_fairchem."""
+def so2_conv_to_fairchem(lin, conv, m0_perm=None) -> None:
+    """The reverse of so2_conv_from_fairchem (`m0_perm`: the inverse row order)."""
     with torch.no_grad():
-        conv.fc_m0.weight.copy_(lin.m0.weight)
-        conv.fc_m0.bias.copy_(lin.m0.bias)
+        w, b = (lin.m0.weight, lin.m0.bias) if m0_perm is None else (lin.m0.weight[m0_perm], lin.m0.bias[m0_perm])
+        conv.fc_m0.weight.copy_(w)
+        conv.fc_m0.bias.copy_(b)
         for w, mc in zip(lin.w, conv.so2_m_conv):
             mc.fc.weight.copy_(w.t())
             if getattr(mc, "_w_block", None) is not None:  # fairchem's cached block matrix (fast backend)

@@ -36,6 +36,7 @@ from ..kernels._torch_impl import rescale_factors, segment_softmax
 from ..nn.activation import GateActivation, S2Activation, SeparableS2Activation
 from ..nn.fused import recompute
 from ..nn.so2 import SO2Convolution, frame_roll, m_major_degrees
+from .fairchem import so2_conv_from_fairchem, so2_conv_to_fairchem
 
 ATTENTION = ("fairchem.core.models.equiformer_v2.transformer_block", "SO2EquivariantGraphAttention")
 
@@ -64,35 +65,6 @@ def _m0_perm(n_alpha: int, n_act: int, n: int, to_egnn: bool) -> torch.Tensor:
     else:
         head = list(range(n_act, n_act + n_alpha)) + list(range(n_act))
     return torch.tensor(head + list(range(n_alpha + n_act, n)))
-
-
-def _linear(mod, what):
-    if type(mod) is not nn.Linear:
-        raise InputError(f"EquiformerV2 {what} is a {type(mod).__name__}, not a Linear")
-    return mod
-
-
-def _conv_from(conv, lin, m0_perm=None):
-    with torch.no_grad():
-        fc0 = _linear(conv.fc_m0, "fc_m0")
-        w, b = fc0.weight, fc0.bias
-        if m0_perm is not None:
-            w, b = w[m0_perm], b[m0_perm]
-        lin.m0.weight.copy_(w)
-        lin.m0.bias.copy_(b)
-        for wm, mc in zip(lin.w, conv.so2_m_conv):
-            wm.copy_(_linear(mc.fc, "so2_m_conv.fc").weight.t())
-
-
-def _conv_to(lin, conv, m0_perm=None):
-    with torch.no_grad():
-        w, b = lin.m0.weight, lin.m0.bias
-        if m0_perm is not None:
-            w, b = w[m0_perm], b[m0_perm]
-        conv.fc_m0.weight.copy_(w)
-        conv.fc_m0.bias.copy_(b)
-        for wm, mc in zip(lin.w, conv.so2_m_conv):
-            mc.fc.weight.copy_(wm.t())
 
 
 class EqV2Attention(nn.Module):
@@ -127,8 +99,8 @@ class EqV2Attention(nn.Module):
         n0 = ga.so2_conv_1.fc_m0.out_features
         self._m0_in = _m0_perm(n_alpha, act.num_scalars, n0, True)
         self._m0_out = _m0_perm(n_alpha, act.num_scalars, n0, False)
-        _conv_from(ga.so2_conv_1, self.conv.lin1, self._m0_in)
-        _conv_from(ga.so2_conv_2, self.conv.lin2)
+        so2_conv_from_fairchem(ga.so2_conv_1, self.conv.lin1, self._m0_in)
+        so2_conv_from_fairchem(ga.so2_conv_2, self.conv.lin2)
         # fairchem's non-SO(2) modules, shared (their trained values stay fairchem's)
         self.rad_func = ga.so2_conv_1.rad_func if not ga.use_m_share_rad else ga.rad_func
         self.m_share_rad = ga.use_m_share_rad
@@ -231,6 +203,6 @@ class EqV2Attention(nn.Module):
     def to_fairchem(self) -> nn.Module:
         """fairchem's module back, with this layer's (possibly trained) SO(2) weights written into it."""
         ga = self._fairchem
-        _conv_to(self.conv.lin1, ga.so2_conv_1, self._m0_out)
-        _conv_to(self.conv.lin2, ga.so2_conv_2)
+        so2_conv_to_fairchem(self.conv.lin1, ga.so2_conv_1, self._m0_out)
+        so2_conv_to_fairchem(self.conv.lin2, ga.so2_conv_2)
         return ga
