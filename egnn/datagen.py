@@ -71,12 +71,12 @@ def _gete(name, sigma, seeds, salt, **kw):
 PLANS: dict[str, list[Family]] = {
     "hfo2": [
         _hfo2("hfo2_m12_d05", 0.05, range(8), 1),
-        _hfo2("hfo2_m12_d15", 0.15, range(8), 2),
+        _hfo2("hfo2_m12_d15", 0.15, range(20), 2),
         _hfo2("hfo2_m12_strain", 0.10, range(8), 3, strain=0.03),
         _hfo2("hfo2_m12_d20", 0.20, range(12), 4),
-        _hfo2("hfo2_m12_d18s", 0.18, range(8), 9, strain=0.03),
+        _hfo2("hfo2_m12_d18s", 0.18, range(32), 9, strain=0.03),
         _hfo2("hfo2_m24_d10", 0.10, range(6), 5, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.02),
-        _hfo2("hfo2_m24_d18s", 0.18, range(6), 10, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03),
+        _hfo2("hfo2_m24_d18s", 0.18, range(18), 10, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03),
         _hfo2("hfo2_m96_d12", 0.12, range(2), 6, supercell=(2, 2, 2), kpoints=None),
         _hfo2("hfo2_m12_val", 0.22, range(8), 7, strain=0.03, role="val"),
         _hfo2("hfo2_m24_val", 0.20, range(2), 8, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03,

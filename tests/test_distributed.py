@@ -165,7 +165,7 @@ def _check_trainer(graph, group, outdir, folded) -> dict:
     from egnn.distributed import DistributedTrainer, world
     from egnn.train import TRAIN_DEFAULTS, Trainer
 
-    cfg = dict(TRAIN_DEFAULTS, device="cpu", grad_clip=0.5, lr=1e-2)
+    cfg = dict(TRAIN_DEFAULTS, device="cpu", grad_clip=0.5, lr=1e-2, ema_decay=0.5)
     rank = world(group)[0]
     # every rank starts from another init: the trainer must broadcast rank 0's
     single, multi = make_model(torch.float64, seed=100), make_model(torch.float64, seed=rank + 100)
@@ -177,8 +177,11 @@ def _check_trainer(graph, group, outdir, folded) -> dict:
     l2 = t2.compute(s)[0].item()
     r1, r2 = t1.train_epoch(1, progress=False), t2.train_epoch(1, progress=False)
     par = max(_rel(a, b) for a, b in zip(t2.model.parameters(), t1.model.parameters()))
+    t1.train_epoch(2, progress=False), t2.train_epoch(2, progress=False)  # the EMA averages from its 2nd step
+    with t1.averaged(), t2.averaged():
+        ema = max(_rel(a, b) for a, b in zip(t2.model.parameters(), t1.model.parameters()))
     return {"loss": abs(l1 - l2) / abs(l1), "epoch_loss": abs(r1["loss"] - r2["loss"]) / abs(r1["loss"]),
-            "mae": abs(r1["mae_meV"] - r2["mae_meV"]) / r1["mae_meV"], "params": par}
+            "mae": abs(r1["mae_meV"] - r2["mae_meV"]) / r1["mae_meV"], "params": par, "ema": ema}
 
 
 def _worker(rank, world_size, port, outdir, port2=None):
@@ -356,7 +359,7 @@ def test_distributed_trainer_step_equals_trainer(records, w, folded):
         rec = records[r][f"{w}/trainer/{folded}"]
         # the Trainer takes the loss in float32 whatever the model dtype, hence 1e-6
         assert rec["loss"] <= 1e-6 and rec["epoch_loss"] <= 1e-6 and rec["mae"] <= 1e-6, rec
-        assert rec["params"] <= 1e-8, rec
+        assert rec["params"] <= 1e-8 and rec["ema"] <= 1e-8, rec  # train.ema_decay: the same averaged weights
 
 
 @pytest.mark.parametrize("w", WORLDS)

@@ -8,7 +8,7 @@ import yaml
 
 from egnn import EgnnError
 from egnn.cli import main
-from egnn.train import Sample, fit_output_stats, masked_loss
+from egnn.train import TRAIN_DEFAULTS as TRAIN_DEFAULTS_FOR_TEST, Sample, fit_output_stats, masked_loss
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "cp2k")
 KP = os.path.join(FIX, "hfo2_m12_rattled_s0000")  # real-space images
@@ -42,11 +42,12 @@ def test_train_two_epochs_json_and_files(tmp_path, cache, capsys):
         assert (tmp_path / "run" / f).is_file()
 
 
-def test_resume_continues_exactly(tmp_path, cache, capsys):
-    straight = write_config(tmp_path / "a.yaml", cache, tmp_path / "a", epochs=3, checkpoint_every=1)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_continues_exactly(tmp_path, cache, capsys, ema):
+    straight = write_config(tmp_path / "a.yaml", cache, tmp_path / "a", epochs=3, checkpoint_every=1, ema_decay=ema)
     main(["train", straight, "--json"])
     ref = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
-    first = write_config(tmp_path / "b.yaml", cache, tmp_path / "b", epochs=1)
+    first = write_config(tmp_path / "b.yaml", cache, tmp_path / "b", epochs=1, ema_decay=ema)
     main(["train", first, "--json"])
     main(["train", first, "--json", "--epochs", "3", "--resume", str(tmp_path / "b" / "last.pt")])
     got = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
@@ -54,6 +55,51 @@ def test_resume_continues_exactly(tmp_path, cache, capsys):
     for a, b in zip(ref, got):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
+
+
+def test_weight_average_is_the_warmed_up_ema():
+    from egnn.train import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    ema, decay = WeightAverage(0.8), 0.8
+    expect = None
+    for n in range(40):  # past the warm-up: the decay reaches 0.8 at n = 36
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        now = [p.detach().clone() for p in model.parameters()]
+        if expect is None:
+            expect = now
+        else:
+            d = min(decay, (1 + n) / (10 + n))  # n updates before this one
+            expect = [d * e + (1 - d) * w for e, w in zip(expect, now)]
+    raw = [p.detach().clone() for p in model.parameters()]
+    with ema.applied(model):
+        for p, e in zip(model.parameters(), expect):
+            torch.testing.assert_close(p, e)
+    for p, r in zip(model.parameters(), raw):  # the training weights are back
+        assert torch.equal(p, r)
+
+
+def test_ema_checkpoint_carries_the_averaged_weights_that_were_validated(tmp_path, cache, capsys):
+    from egnn.train import Trainer, load_config, load_samples, open_datasets
+    from egnn.checkpoint import load, model_from_checkpoint
+
+    cfg = write_config(tmp_path / "e.yaml", cache, tmp_path / "e", epochs=2, checkpoint_every=1, ema_decay=0.95)
+    assert main(["train", cfg, "--json"]) == 0
+    ck = load(str(tmp_path / "e" / "last.pt"))
+    assert ck["ema_steps"] == 2  # one structure, two epochs
+    moved = [k for k, v in ck["model"].items() if v.is_floating_point() and not torch.equal(v, ck["model_train"][k])]
+    assert moved  # the averaged weights are not the raw ones
+    # the logged validation loss is the one of the averaged weights ("model", what evaluate/predict read)
+    last = [json.loads(x) for x in open(tmp_path / "e" / "metrics.jsonl")][-1]
+    tc = load_config(cfg)
+    model = model_from_checkpoint(str(tmp_path / "e" / "last.pt"))
+    samples = load_samples(open_datasets(tc.data["val"], tc.r_cut, cache), model.basis)
+    got = Trainer(model, [], samples, {**TRAIN_DEFAULTS_FOR_TEST, **tc.train}, str(tmp_path / "x")).evaluate(samples)
+    assert got["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
 
 
 def test_gamma_only_structure_trains_on_folded_targets(tmp_path, cache, capsys):
