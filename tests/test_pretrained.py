@@ -44,10 +44,11 @@ def test_export_keeps_the_model_and_drops_the_training_state(tmp_path):
     m = HamiltonianModel(ModelConfig(basis=OrbitalBasis.explicit({"Hf": "sspd", "O": "sp"}, "SZV-MOLOPT-SR-GTH"),
                                      r_cut=5.0, lmax=4, mmax=2, channels=4, layers=1, heads=1, hidden=8, num_rbf=4))
     src = str(tmp_path / "train.pt")
+    raw = {k: v + 1 if v.is_floating_point() else v for k, v in m.state_dict().items()}  # train.ema_decay runs
     checkpoint.save(src, {"format": checkpoint.FORMAT, "model_config": m.config.to_dict(), "model": m.state_dict(),
-                          "optimizer": {"state": {}, "lr": 1e-3}, "epoch": 7})
+                          "model_train": raw, "ema_steps": 3, "optimizer": {"state": {}, "lr": 1e-3}, "epoch": 7})
     out = checkpoint.export(src, str(tmp_path / "ship.pt"), {"trained_on": "nothing"})
     ck = torch.load(out, weights_only=True)
-    assert "optimizer" not in ck and ck["epoch"] == 7 and ck["card"] == {"trained_on": "nothing"}
+    assert "optimizer" not in ck and "model_train" not in ck and ck["epoch"] == 7 and ck["card"] == {"trained_on": "nothing"}
     got = model_from_checkpoint(out).state_dict()
     assert all(torch.equal(got[k], v.float() if v.is_floating_point() else v) for k, v in m.state_dict().items())

@@ -175,3 +175,24 @@ def test_resume_with_another_loss_restarts_best(tmp_path, capsys):
     assert "best.pt restarts" in capsys.readouterr().out
     best = checkpoint.load(str(tmp_path / "run" / "best.pt"))
     assert best["epoch"] == 3 and best["best_loss"]["eig_weight"] == 1.0
+
+
+def test_site_potential_probe_gives_the_madelung_potential_of_rocksalt():
+    """profiling/site_potential.py (README "Accuracy": the onsite errors are not the site potential)
+    sums a Wolf potential over each atom's incoming edges: at r_cut 8 Å it must give NaCl's Madelung
+    potential, −1.7476 k_e q / r0 at each ion, with opposite signs on the two sublattices."""
+    import sys
+    from types import SimpleNamespace
+
+    from ase.build import bulk
+
+    from egnn.graph import radius_graph
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "profiling"))
+    from site_potential import KE, wolf_potential
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    phi = wolf_potential(SimpleNamespace(graph=radius_graph(atoms, 8.0)), {"Na": 1.0, "Cl": -1.0}, 0.2, 8.0)
+    madelung = -1.747565 * KE / 2.82
+    na = np.array(atoms.get_chemical_symbols()) == "Na"
+    assert np.allclose(phi[na], madelung, rtol=0.015) and np.allclose(phi[~na], -madelung, rtol=0.015)
