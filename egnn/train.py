@@ -358,9 +358,11 @@ class WeightAverage:
     """Exponential moving average of the trainable parameters (train.ema_decay): the weights that
     validation, best.pt and every checkpoint's "model" carry, while the raw ones train on (kept as
     "model_train" for --resume). Averaging the last ~1/(1 - decay) optimizer steps removes the
-    step-to-step noise of the weights, which moves held-out onsite energies and gaps by 100s of meV
-    between neighbouring epochs of a small-data run. The decay is warmed up, min(decay, (1 + n)/(10 + n))
-    after n steps, so a fresh run does not average in its random start.
+    step-to-step jitter of the weights at a high learning rate (held-out gaps of HfO2 move by up to
+    60 meV between checkpoints of one run): it matters for runs that stop before the learning rate
+    has decayed; after that, the EMA and the last epoch measured the same (README "Accuracy").
+    The decay is warmed up, min(decay, (1 + n)/(10 + n)) after n steps, so a fresh run does not
+    average in its random start.
 
     Parameters only: buffers (output statistics, the fitted reference) do not change in training.
     (torch.optim.swa_utils.AveragedModel deep-copies the whole module, buffers included, when it is
