@@ -78,14 +78,12 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
     node, edge = model(x.species.long().to(p0.device), torch.from_numpy(g.src).to(p0.device),
                        torch.from_numpy(g.dst).to(p0.device), torch.from_numpy(g.vec).to(p0.device, p0.dtype),
                        edge_chunk=edge_chunk)
+    P = len(x.pair_dst) if x.mode == "folded" else 0
+    pairs = B.fold(node.double(), edge.double(), x.edge_fold.long(), x.node_fold.long(), P) if P else None
     node, edge = _np64(node), _np64(edge)
     dist_e = np.linalg.norm(g.vec, axis=1)
     if x.mode == "folded":
-        P = len(x.pair_dst)
-        we = edge.shape[-1]
-        pred = np.zeros((P,) + edge.shape[1:])
-        np.add.at(pred, x.edge_fold.numpy(), edge)
-        np.add.at(pred, x.node_fold.numpy(), np.pad(node, ((0, 0), (0, 0), (0, we - node.shape[-1]))))
+        pred = _np64(pairs)
         pd, ps = x.pair_dst.numpy().astype(np.int64), x.pair_src.numpy().astype(np.int64)
         dist = np.full(P, np.inf)
         np.minimum.at(dist, x.edge_fold.numpy(), dist_e)

@@ -400,6 +400,13 @@ class WeightAverage:
                 for p, r in zip(params, raw):
                     p.copy_(r)
 
+    def state_dict(self, model: torch.nn.Module) -> dict:
+        """`model`'s state dict with the averaged parameters (what a checkpoint's "model" holds)."""
+        sd = model.state_dict()
+        if self.shadow is not None:
+            sd.update((name, s) for (name, _), s in zip(model.named_parameters(), self.shadow))
+        return sd
+
     def load(self, model: torch.nn.Module, averaged_state: dict, steps: int) -> None:
         """Resume: the averaged parameters from a checkpoint's "model" (names of `model`)."""
         self.shadow = [averaged_state[name].detach().clone().to(p.device, p.dtype)
@@ -569,11 +576,11 @@ class Trainer:
 
     # -- checkpoints
     def state(self) -> dict:
-        with self.averaged():
-            model = {k: v.clone() for k, v in self.model.state_dict().items()} if self.ema else self.model.state_dict()
-        ema = {"model_train": self.model.state_dict(), "ema_steps": self.ema.steps} if self.ema else {}
+        raw = self.model.state_dict()
+        ema = {"model": self.ema.state_dict(self.model), "model_train": raw, "ema_steps": self.ema.steps} \
+            if self.ema else {"model": raw}
         return {"format": "egnn-checkpoint-1", "model_config": self.model.config.to_dict(),
-                "model": model, **ema, "optimizer": self.opt.state_dict(),
+                **ema, "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "epoch": self.epoch, "best": self.best,
                 "train_config": self.cfg, "config": self.config_dict, "best_loss": self._loss_definition(),
                 "scaler": self.scaler.state_dict() if self.scaler else None}
@@ -581,8 +588,9 @@ class Trainer:
     def save(self, path: str) -> None:
         checkpoint.save(path, self.state())  # plain data, temp-then-rename: never half-written
 
-    def load(self, path: str) -> None:
-        ck = load_checkpoint(path)
+    def load(self, path: str, ck: dict | None = None) -> None:
+        """Resume from the checkpoint at `path` (`ck`: its contents, when already read)."""
+        ck = ck or load_checkpoint(path)
         # "model" holds the averaged weights of an EMA run, "model_train" the ones that train on
         self.model.load_state_dict(ck.get("model_train", ck["model"]))
         if self.ema is not None and "model_train" in ck:
@@ -781,18 +789,17 @@ def _prepare_output(cfg: TrainConfig, resume: str | None, overwrite: bool) -> No
         raise ConfigError(f"{cfg.source}: output {cfg.output} cannot be written ({parent} is not writable)")
 
 
-def _check_same_model(path: str, mcfg: ModelConfig, flag: str, fix: str, ck: dict | None = None) -> dict:
-    ck = ck or checkpoint.load(path)
+def _check_same_model(path: str, mcfg: ModelConfig, flag: str, fix: str, ck: dict) -> None:
+    """`ck` (the checkpoint at `path`) was written by a model of this config, else a ConfigError."""
     old, new = ck["model_config"], mcfg.to_dict()
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         show = "; ".join(f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"{flag} {path}: the checkpoint's model differs from the config's ({show}); {fix}")
-    return ck
 
 
-def _check_resume(path: str, mcfg: ModelConfig, cfg: TrainConfig) -> None:
-    ck = _check_same_model(path, mcfg, "--resume", "resume with the config that made it, or start a new training")
+def _check_resume(path: str, mcfg: ModelConfig, cfg: TrainConfig, ck: dict) -> None:
+    _check_same_model(path, mcfg, "--resume", "resume with the config that made it, or start a new training", ck)
     if ck.get("epoch", 0) >= cfg.train["epochs"]:
         raise ConfigError(f"--resume {path}: the checkpoint is at epoch {ck.get('epoch')}; --epochs (or train.epochs)"
                           f" must be larger than that to continue, got {cfg.train['epochs']}")
@@ -804,8 +811,8 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     starting from that checkpoint's weights, output statistics and reference (not refitted: the model
     keeps predicting what it learned) with a new optimizer and scheduler."""
     _prepare_output(cfg, resume, overwrite)
-    if resume:
-        checkpoint.load(resume)  # a bad checkpoint fails before any data work
+    # each checkpoint is read once, and a bad one fails before any data work
+    resume_ck = checkpoint.load(resume) if resume else None
     init_ck = checkpoint.load(init) if init else None
     seed_everything(int(cfg.train["seed"]))
     # converted run folders are cached outside the output folder, so a config that fails validation
@@ -819,7 +826,7 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     eig = int(cfg.train["eig_empty"]) if float(cfg.train["eig_weight"]) > 0 else None
     train, val = load_samples(train_ds, basis, eig_empty=eig), load_samples(val_ds, basis, eig_empty=eig)
     if resume:
-        _check_resume(resume, mcfg, cfg)
+        _check_resume(resume, mcfg, cfg, resume_ck)
     model = HamiltonianModel(mcfg)
     if init:
         _check_same_model(init, mcfg, "--init", "train with the checkpoint's model section, or without --init", init_ck)
@@ -832,7 +839,7 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     kw = {"partition": cfg.partition} if trainer_cls is not Trainer else {}
     trainer = trainer_cls(model, train, val, cfg.train, cfg.output, config_dict=config_dict, **kw)
     if resume:
-        trainer.load(resume)
+        trainer.load(resume, resume_ck)
     elif not init:
         fit_output_stats(model, train)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -56,17 +56,11 @@ def onsite_levels(model, x):
     numbers = np.asarray(g.numbers)
     node, edge = model(x.species.long(), torch.from_numpy(g.src), torch.from_numpy(g.dst),
                        torch.from_numpy(g.vec).to(next(model.parameters()).dtype))
-    node, edge = _np64(node), _np64(edge)
-    if x.mode == "folded":  # the (i, i) pairs hold the node block plus the atom's own images
-        pd, ps = x.pair_dst.numpy(), x.pair_src.numpy()
-        pred = np.zeros((len(pd),) + edge.shape[1:])
-        np.add.at(pred, x.edge_fold.numpy(), edge)
-        np.add.at(pred, x.node_fold.numpy(), np.pad(node, ((0, 0), (0, 0), (0, edge.shape[-1] - node.shape[-1]))))
-        sel = np.nonzero(pd == ps)[0]
-        sel = sel[np.argsort(pd[sel])]
-        pred, target = pred[sel], _np64(x.pair_target)[sel]
+    if x.mode == "folded":  # atom i's (i, i) pair: its node block plus its own images
+        pairs = B.fold(node.double(), edge.double(), x.edge_fold.long(), x.node_fold.long(), len(x.pair_target))
+        pred, target = _np64(pairs[x.node_fold.long()]), _np64(x.pair_target[x.node_fold.long()])
     else:
-        pred, target = node, _np64(x.node_target)
+        pred, target = _np64(node), _np64(x.node_target)
     els, err, dft = [], [], []
     for k, z in enumerate(numbers):
         a = chemical_symbols[z]

@@ -8,7 +8,7 @@ import yaml
 
 from egnn import EgnnError
 from egnn.cli import main
-from egnn.train import TRAIN_DEFAULTS as TRAIN_DEFAULTS_FOR_TEST, Sample, fit_output_stats, masked_loss
+from egnn.train import TRAIN_DEFAULTS, Sample, fit_output_stats, masked_loss
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "cp2k")
 KP = os.path.join(FIX, "hfo2_m12_rattled_s0000")  # real-space images
@@ -98,7 +98,7 @@ def test_ema_checkpoint_carries_the_averaged_weights_that_were_validated(tmp_pat
     tc = load_config(cfg)
     model = model_from_checkpoint(str(tmp_path / "e" / "last.pt"))
     samples = load_samples(open_datasets(tc.data["val"], tc.r_cut, cache), model.basis)
-    got = Trainer(model, [], samples, {**TRAIN_DEFAULTS_FOR_TEST, **tc.train}, str(tmp_path / "x")).evaluate(samples)
+    got = Trainer(model, [], samples, {**TRAIN_DEFAULTS, **tc.train}, str(tmp_path / "x")).evaluate(samples)
     assert got["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
 
 
