@@ -29,6 +29,12 @@ def extensions():
     cuda_glue = sorted(glob.glob("csrc/*_cuda.cpp"))
     sources = [s for s in sorted(glob.glob("csrc/*.cpp")) if s not in cuda_glue]
     cuda_sources = cuda_glue + sorted(glob.glob("csrc/*.cu"))
+    # torch's ninja build writes csrc/<stem>.o for every source: two sources with one stem (halo.cpp
+    # and halo.cu) would make one object twice and fail the CUDA build, which no CPU build sees
+    stems = [os.path.splitext(s)[0] for s in sources + cuda_sources]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:
+        raise SystemExit(f"setup.py: csrc/ sources share the object names {clash}: rename one of each pair")
     import torch
 
     want_cuda = os.environ.get("EGNN_FORCE_CUDA") == "1" or (

@@ -1,5 +1,5 @@
 // egnn halo ops: schemas and CPU kernels. The Python side (fake tensors, autograd, the pure-PyTorch
-// twin used without this extension) is egnn/ops.py; the CUDA kernels are halo.cu.
+// twin used without this extension) is egnn/ops.py; the CUDA kernels are halo_kernels.cu.
 //
 //   halo_pack(x, send_index, rows?, ptr?, order?)   out[k] = x[send_index[k]]; one contiguous send
 //       buffer for all neighbours. rows/ptr/order (the scatter CSR of send_index) are not read by the

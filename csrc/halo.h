@@ -1,4 +1,4 @@
-// Shared declarations of the egnn halo ops (CPU in halo.cpp, CUDA in halo.cu).
+// Shared declarations of the egnn halo ops (CPU in halo.cpp, CUDA in halo_kernels.cu).
 //
 // Row layout: every tensor is viewed as [rows, D] with D = product of the trailing sizes; a "row"
 // is one node's embedding (e.g. 25 x 16 values). Index lists are 1-D int64.

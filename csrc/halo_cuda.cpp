@@ -1,5 +1,5 @@
 // CUDA implementations of the egnn halo ops: argument checks, allocation, stream, and the launchers
-// of halo.cu. Compiled only into CUDA builds (setup.py adds *_cuda.cpp with the .cu sources).
+// of halo_kernels.cu. Compiled only into CUDA builds (setup.py adds *_cuda.cpp with the .cu sources).
 #if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
 #define C10_CUDA_NO_CMAKE_CONFIGURE_FILE  // CPU-only torch wheels lack this generated header (syntax checks)
 #endif

@@ -1,4 +1,4 @@
-// Launchers of the CUDA halo kernels (halo.cu) with plain pointer arguments. halo.cu includes only
+// Launchers of the CUDA halo kernels (halo_kernels.cu) with plain pointer arguments. halo_kernels.cu includes only
 // the CUDA runtime, so nvcc compiles it in seconds; the tensor glue and op registration is
 // halo_cuda.cpp (host compiler). Each launcher returns the launch's cudaError_t.
 #pragma once

@@ -831,6 +831,8 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     if init:
         _check_same_model(init, mcfg, "--init", "train with the checkpoint's model section, or without --init", init_ck)
         model.load_state_dict(init_ck["model"])
+    elif not resume:  # on the CPU, where the samples are, before the Trainer moves the model to its device
+        fit_output_stats(model, train)
     config_dict = {"data": cfg.data, "model": cfg.model, "train": cfg.train, "output": cfg.output,
                    "partition": cfg.partition}
     trainer_cls = Trainer
@@ -840,8 +842,6 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     trainer = trainer_cls(model, train, val, cfg.train, cfg.output, config_dict=config_dict, **kw)
     if resume:
         trainer.load(resume, resume_ck)
-    elif not init:
-        fit_output_stats(model, train)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(cfg.output, "config.json"), "w") as f:
             json.dump({**config_dict, "model_config": mcfg.to_dict()}, f, indent=1)

@@ -110,7 +110,9 @@ def _compile_errors() -> tuple:
 
 # ----------------------------------------------------------------------------- launchers (Triton)
 def _to_edge(x1, i1, x2, i2, x3, edge_vec, roll, lmax, mmax, dtype):
-    """D [x1[i1] | x2[i2] | x3] -> m-major [E, K_m, C1 + C2 + C3]; any part may be None."""
+    """D [x1[i1] | x2[i2] | x3] -> m-major [E, K_m, C1 + C2 + C3]; any part may be None (its index is
+    then a one-entry placeholder that the kernel masks off: reading E entries of it faulted at 1e6
+    edges on the first GPU, while small E stayed inside the allocator's block)."""
     from .rotate import to_edge_kernel
 
     E = edge_vec.shape[0]

@@ -27,8 +27,9 @@ def to_edge_kernel(out_ptr, t1_ptr, i1_ptr, t2_ptr, i2_ptr, t3_ptr, vec_ptr, rol
     me = offs_e < E
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     e64 = offs_e.to(tl.int64)
-    n1 = tl.load(i1_ptr + offs_e, mask=me, other=0).to(tl.int64)
-    n2 = tl.load(i2_ptr + offs_e, mask=me, other=0).to(tl.int64)
+    # an absent part (C = 0) comes with a placeholder index of fewer than E entries: never read it
+    n1 = tl.load(i1_ptr + offs_e, mask=me & (tl.full([BLOCK_E], C1, tl.int32) > 0), other=0).to(tl.int64)
+    n2 = tl.load(i2_ptr + offs_e, mask=me & (tl.full([BLOCK_E], C2, tl.int32) > 0), other=0).to(tl.int64)
     ca, sa, cb, sb, cg, sg = edge_angles(vec_ptr, roll_ptr, offs_e, me, HAS_ROLL)
     _to_edge_l0(out_ptr, t1_ptr, t2_ptr, t3_ptr, n1, n2, e64, me, c, C1, C2, C3, KM, ca, sa, cb, sb, cg, sg, LMAX, MMAX)
     if LMAX >= 1:

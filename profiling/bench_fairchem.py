@@ -146,9 +146,9 @@ def main(argv=None):
                 for k, layer in paths.items():  # what a training forward leaves for its backward, beyond
                     # the block's inputs (node embeddings, radial features, Wigner matrices: the model
                     # holds them anyway, the Wigner matrices once for all blocks)
-                    nbytes, _ = saved_activation_bytes(lambda *i, layer=layer: forward_with_grad(layer, i, target, n),
+                    nbytes = saved_activation_bytes(lambda *i, layer=layer: forward_with_grad(layer, i, target, n),
                                                        *ins, exclude=list(layer.parameters()) +
-                                                       [t for t in ins if t.is_floating_point()])
+                                                       [t for t in ins if t.is_floating_point()])[0]
                     r[f"{k}_saved_B_per_edge"] = nbytes / E
                     peak = peak_bytes(lambda layer=layer: step(layer, ins, target, n, True, True), a.device)
                     if peak is not None:  # forward + backward with forces: peak above the inputs

@@ -87,9 +87,10 @@ def main(argv=None):
                     r[f"{name}_fwdbwd_s"] = best_time(lambda: run_layer(layer, rot, t, True), args.reps, device)
                     r[f"{name}_peak_MB"] = (torch.cuda.max_memory_allocated(device) / 2 ** 20
                                             if device.type == "cuda" else None)
-                    # what autograd keeps between a training forward and its backward
-                    nbytes, _ = saved_activation_bytes(run_layer, layer, rot, t, False, True,
-                                                       exclude=list(layer.parameters()))
+                    # what autograd keeps between a training forward and its backward; [0] frees the
+                    # output at once (its graph would inflate the next path's peak memory)
+                    nbytes = saved_activation_bytes(run_layer, layer, rot, t, False, True,
+                                                    exclude=list(layer.parameters()))[0]
                     r[f"{name}_saved_B_per_edge"] = nbytes / E
                 except torch.OutOfMemoryError:
                     r[f"{name}_fwd_s"] = r[f"{name}_fwdbwd_s"] = float("nan")

@@ -109,6 +109,37 @@ def test_twins_equal_the_compiled_ops(dtype, gen):
     assert torch.equal(e.halo_unpack_add_csr(x, *plan, buf), ops.TWINS["halo_unpack_add_csr"](x, *plan, buf))
 
 
+@pytest.mark.gpu
+@compiled
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,rows", SHAPES + [((25, 16), 200_000)])  # ~320 MB of fp32 rows: many blocks
+def test_cuda_ops_equal_the_twins(dtype, shape, rows, gen):
+    """csrc/halo_kernels.cu on the GPU: pack and unpack bit-equal to index_select / slice copy,
+    unpack_add (atomics-free, by the CSR plan) bit-equal to the twin for fp32/fp64 and within one
+    rounding of the exact sum for half precision."""
+    e = torch.ops.egnn
+    assert all(ops._has_kernel(n, "CUDA") for n in ops.SCHEMAS), "egnn._C was built without its CUDA kernels"
+    x = _rand(rows, shape, dtype, gen)
+    index = torch.cat([torch.randint(0, rows, (2 * rows,), generator=gen), torch.full((50,), 1)])
+    buf = _rand(index.numel(), shape, dtype, gen)
+    recv = _rand(rows // 3, shape, dtype, gen)
+    plan = ops.scatter_plan(index)
+    xc, ic, bc, rc = x.cuda(), index.cuda(), buf.cuda(), recv.cuda()
+    pc = tuple(t.cuda() for t in plan)
+    assert torch.equal(e.halo_pack(xc, ic).cpu(), x.index_select(0, index))
+    assert torch.equal(e.halo_pack(xc, ic[:0]).cpu(), x[:0])  # a rank with nothing to send
+    assert torch.equal(e.halo_unpack(xc, rc, rows // 2).cpu(), ops.TWINS["halo_unpack"](x, recv, rows // 2))
+    twin = ops.TWINS["halo_unpack_add_csr"](x, *plan, buf)
+    got = e.halo_unpack_add_csr(xc, *pc, bc).cpu()
+    if dtype in (torch.float32, torch.float64):
+        assert torch.equal(got, twin)
+    else:
+        ref64 = x.double().index_add_(0, index, buf.double())
+        assert (got.double() - ref64).abs().max() <= (ref64.to(dtype).double() - ref64).abs().max()
+    assert torch.equal(e.halo_unpack_add(xc, ic, bc).cpu(), got)
+
+
 def test_scatter_plan_is_the_csr_by_target(gen):
     index = torch.randint(0, 20, (100,), generator=gen)
     rows, ptr, order = ops.scatter_plan(index)
@@ -184,6 +215,14 @@ def test_compiled_ops_check_their_arguments():
         e.halo_unpack_add_csr(x, rows, ptr, order, buf)
     with pytest.raises(RuntimeError, match="permutation"):
         e.halo_unpack_add_csr(x, torch.tensor([1, 2]), ptr, torch.tensor([0, 0, 2]), buf)
+
+
+def test_extension_sources_have_distinct_object_names():
+    """torch's ninja build compiles csrc/<stem>.{cpp,cu} to one csrc/<stem>.o: two sources with one
+    stem break every CUDA build (it happened to halo.cpp and halo.cu on the first GPU), while each
+    file still compiles alone below and the CPU build never sees the .cu files."""
+    stems = [p.stem for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".cu")]
+    assert len(stems) >= 3 and len(set(stems)) == len(stems), sorted(stems)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

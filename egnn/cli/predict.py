@@ -155,6 +155,8 @@ def run(args) -> int:
                   f"{info['total_s']:.1f} s; {len(info['files'])} files, {info['bytes'] / 2**20:,.1f} MiB -> "
                   f"{args.output}", file=sys.stderr)
     report["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.device(device).type == "cuda":  # the device's own peak: what bounds the structure size there
+        report["peak_cuda_MB"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank's own peak, gathered on rank 0
         import torch.distributed as dist
 

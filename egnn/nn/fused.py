@@ -105,7 +105,8 @@ class FusedInteractionLayer(InteractionLayer):
 def saved_activation_bytes(fn, *args, exclude=()):
     """(bytes of all tensors autograd saves while running fn(*args), fn's output), counted with
     torch.autograd.graph.saved_tensors_hooks; each storage once, tensors sharing a storage with
-    `exclude` (e.g. the parameters) left out."""
+    `exclude` (e.g. the parameters) left out. The output holds every saved tensor: drop it before
+    measuring anything else (a benchmark that kept it reported the next layer's GPU peak 66 GB high)."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
