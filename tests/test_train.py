@@ -169,6 +169,25 @@ def test_bad_configs_fail_before_any_output(tmp_path, cache, capsys, change, mat
     assert not (tmp_path / "out").exists()
 
 
+def test_output_stats_are_fitted_before_the_trainer_moves_the_model(tmp_path, cache, monkeypatch):
+    """The Trainer moves the model to its device; the statistics are fitted from CPU samples, so
+    they must be in place before (fitting after the move failed every training run on the first GPU)."""
+    import egnn.train as T
+
+    seen = []
+    real_init = T.Trainer.__init__
+
+    def init(self, model, *a, **k):
+        seen.append((model.node_scale.clone(), model.node_shift.clone()))
+        real_init(self, model, *a, **k)
+
+    monkeypatch.setattr(T.Trainer, "__init__", init)
+    T.train_from_config(T.load_config(write_config(tmp_path / "c.yaml", cache, tmp_path / "run", epochs=1)),
+                        progress=False)
+    (scale, shift), = seen
+    assert not torch.equal(scale, torch.ones_like(scale)) and shift.abs().sum() > 0
+
+
 def test_init_fine_tunes_from_a_checkpoints_weights(tmp_path, cache, capsys):
     """--init starts a new run (epochs from 1, new optimizer at train.lr) from the checkpoint's
     weights and statistics: with a vanishing lr its first validation loss is the checkpoint's."""
