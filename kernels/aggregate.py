@@ -59,7 +59,7 @@ def aggregate_kernel(out_ptr, y_ptr, logit_ptr, ptr_ptr, vec_ptr, roll_ptr, C, H
             _aggregate_l6(out_ptr, y_ptr, d64, lo, hi, c, mc, C, KM, logit_ptr, head, H, mx, inv_s, vec_ptr,
                           roll_ptr, LMAX, MMAX, HAS_ROLL, BLOCK_E, BLOCK_C)
     else:
-        for row in tl.static_range(K):
+        for row in range(K):  # a loop, not unrolled: 25 unrolled copies spilled 104 B under Triton 3.6
             acc = tl.zeros([BLOCK_C], dtype=tl.float32)
             for start in range(lo, hi, BLOCK_E):
                 offs_e = start + tl.arange(0, BLOCK_E)

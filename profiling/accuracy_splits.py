@@ -8,7 +8,7 @@ Splits (paths relative to the checkout; ../shared is the shared data, data/gener
 `egnn data generate hfo2 -o data/generated` makes):
   in_dist  shared hfo2_kp s0020-s0023: σ = 0.1 Å like most training data, never trained on
   m12_val  generated hfo2_m12_val: 8 × 12 atoms, σ = 0.22 Å, ±3 % strain (held out entirely)
-  m24_val  generated hfo2_m24_val: 2 × 24 atoms, σ = 0.20 Å, ±3 % strain (held out entirely)
+  m24_val  generated hfo2_m24_val: 6 × 24 atoms, σ = 0.20 Å, ±3 % strain (held out entirely)
   m96      shared hfo2_gamma/hfo2_m96_rattled_000: 96 atoms, Γ only, σ = 0.1 Å (train small, predict large)
 Prints one row per split (node MAE per species, pairs < 2 Å, occupied eigenvalues, gap, bands) and
 writes the full `egnn evaluate` results as JSON.
