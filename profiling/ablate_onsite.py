@@ -59,7 +59,7 @@ def run_variant(name: str, epochs_scale: float, out_root: str, threads: int) -> 
     import torch
 
     from egnn.evaluate import evaluate
-    from egnn.train import load_config, model_from_checkpoint, open_datasets, train_from_config
+    from egnn.train import default_cache_dir, load_config, model_from_checkpoint, open_datasets, train_from_config
 
     torch.set_num_threads(threads)
     data, epochs, model_kw, train_kw = VARIANTS[name]
@@ -68,7 +68,7 @@ def run_variant(name: str, epochs_scale: float, out_root: str, threads: int) -> 
                        "model": {**MODEL, **model_kw},
                        "train": {**TRAIN, **train_kw, "epochs": max(1, round(epochs * epochs_scale))},
                        "output": os.path.join(out_root, name)})
-    cache = os.path.join(os.path.expanduser("~/.cache"), "egnn")
+    cache = default_cache_dir()
     t0 = time.time()
     if epochs:
         res = train_from_config(cfg, progress=False)

@@ -94,10 +94,10 @@ def main(argv=None):
                    "configs, minutes), for the card")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from egnn.train import model_from_checkpoint
+    from egnn.train import default_cache_dir, model_from_checkpoint
 
     model = model_from_checkpoint(a.checkpoint)
-    res = evaluate_splits(model, a.split or list(SPLITS), os.path.join(os.path.expanduser("~/.cache"), "egnn"))
+    res = evaluate_splits(model, a.split or list(SPLITS), default_cache_dir())
     print_table(res)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -85,9 +85,9 @@ step "bench_kernels ($SIZES)"
 # the whole job on the GPU: `egnn demo` trains on the shipped runs with device auto (so on cuda:0,
 # through the Triton layers), evaluates the held-out run and predicts its 2x2x2 tile; its
 # epochs per minute compare with a CPU's (README: 347 epochs in 8 min on one core)
-if [ "$DRY" = 1 ]; then DEMO_MIN=0.2; else DEMO_MIN=1; fi
+if [ "$DRY" = 1 ]; then DEMO_MIN=0.2 DEMO_CAP=100; else DEMO_MIN=1 DEMO_CAP=150; fi
 step "demo on the GPU ($DEMO_MIN min of training)"
-capped $(python3 -c "print(int($DEMO_MIN * 60 + 90))") $PY -m egnn demo --out "$OUT/demo" --minutes $DEMO_MIN \
+capped $DEMO_CAP $PY -m egnn demo --out "$OUT/demo" --minutes $DEMO_MIN \
   > "$OUT/demo.log" 2>&1; grep -a -v "it/s\|s/it" "$OUT/demo.log" | tail -n 12
 
 # `egnn predict --device cuda` at device scale: rattled monoclinic HfO2 (bench_predict's structure,
@@ -96,13 +96,13 @@ capped $(python3 -c "print(int($DEMO_MIN * 60 + 90))") $PY -m egnn demo --out "$
 if [ "$DRY" = 1 ]; then PTILES="1x1x1"; else PTILES="1x1x1 2x2x1"; fi
 step "predict on the GPU ($PTILES of 3,000 atoms)"
 mkdir -p "$OUT/predict"
-(cd profiling && $PY -c "import sys, bench_predict as b; print(b.make_structure(sys.argv[1])); b.make_checkpoint(sys.argv[2])" \
-  "$OUT/predict/hfo2_3000.xyz" "$OUT/predict/untrained.pt") > "$OUT/predict.log" 2>&1
-# a dry run (CPU) predicts the 12-atom cell instead: the same plumbing in seconds
-[ "$DRY" = 1 ] && $PY -c "import sys; from egnn.datagen import prototype; prototype('hfo2_m12').write(sys.argv[1], format='extxyz')" \
-  "$OUT/predict/hfo2_3000.xyz"
+# (a dry run predicts the 12-atom cell instead: the same plumbing in seconds)
+(cd profiling && $PY -c "import sys, bench_predict as b; from egnn.datagen import prototype
+b.make_checkpoint(sys.argv[2])
+if sys.argv[3] == '1': prototype('hfo2_m12').write(sys.argv[1], format='extxyz')
+else: b.make_structure(sys.argv[1])" "$OUT/predict/structure.xyz" "$OUT/predict/untrained.pt" "$DRY") > "$OUT/predict.log" 2>&1
 for t in $PTILES; do
-  capped 100 $PY -m egnn predict --checkpoint "$OUT/predict/untrained.pt" "$OUT/predict/hfo2_3000.xyz" \
+  capped 100 $PY -m egnn predict --checkpoint "$OUT/predict/untrained.pt" "$OUT/predict/structure.xyz" \
     -o "$OUT/predict/rows_$t" --tile $t --device $( [ "$DRY" = 1 ] && echo cpu || echo cuda ) --edge-chunk 200000 \
     --format rows --json > "$OUT/predict_$t.json" 2>> "$OUT/predict.log"
   rm -rf "$OUT/predict/rows_$t"

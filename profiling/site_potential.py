@@ -103,10 +103,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    from egnn.train import flatten_paths, load_config, model_from_checkpoint
+    from egnn.train import default_cache_dir, flatten_paths, load_config, model_from_checkpoint
 
     charges = {k: float(v) for k, v in (kv.split("=") for kv in a.charges.split(","))}
-    cache = os.path.join(os.path.expanduser("~/.cache"), "egnn")
+    cache = default_cache_dir()
     model = model_from_checkpoint(a.checkpoint)
     train = collect(model, flatten_paths(load_config(a.train).data["train"]), charges, a.alpha, cache)
     fits = {el: linear_fix(phi, err) for el, (phi, err, _) in train.items()}
