@@ -248,6 +248,26 @@ def _section(raw, key, where) -> dict:
     return dict(val)
 
 
+def _unique_key_loader():
+    """A SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last silently,
+    so a stale second `data:` would drop the first list without a word."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"key {key!r} given twice (first at line "
+                        f"{seen[key] + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def load_config(path_or_dict, base_dir: str | None = None) -> TrainConfig:
     """Read and validate a YAML training config before any work: every problem is a ConfigError that
     names the key and what it must be."""
@@ -262,7 +282,7 @@ def load_config(path_or_dict, base_dir: str | None = None) -> TrainConfig:
             raise ConfigError(f"{where}: config file not found")
         with open(where) as f:
             try:
-                raw = yaml.safe_load(f)
+                raw = yaml.load(f, Loader=_unique_key_loader())
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{where}: not valid YAML ({exc})") from None
         base_dir = base_dir or os.path.dirname(os.path.abspath(where))

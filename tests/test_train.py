@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from egnn import EgnnError
+from egnn.errors import ConfigError
 from egnn.cli import main
 from egnn.train import TRAIN_DEFAULTS, Sample, fit_output_stats, masked_loss
 
@@ -167,6 +168,24 @@ def test_bad_configs_fail_before_any_output(tmp_path, cache, capsys, change, mat
         from egnn.train import load_config, train_from_config
         train_from_config(load_config(str(path)))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path, cache):
+    """PyYAML keeps the last of two equal keys silently; a stale second `data:` (it happened in
+    configs/hfo2_szv_full.yaml) would drop the first. The loader names the key and both lines."""
+    from egnn.train import load_config
+
+    good = write_config(tmp_path / "c.yaml", cache, tmp_path / "run", epochs=1)
+    text = open(good).read()
+    load_config(good)  # the file as written loads
+    bad = tmp_path / "twice.yaml"
+    bad.write_text("output: elsewhere\n" + text)
+    with pytest.raises(ConfigError, match=r"key 'output' given twice \(first at line 1\)"):
+        load_config(str(bad))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(text + "train:\n  epochs: 1\n  lr: 0.01\n  epochs: 2\n".replace("train:\n", "extra:\n"))
+    with pytest.raises(ConfigError, match=r"key 'epochs' given twice \(first at line"):
+        load_config(str(nested))
 
 
 def test_output_stats_are_fitted_before_the_trainer_moves_the_model(tmp_path, cache, monkeypatch):
