@@ -1,15 +1,20 @@
-"""Accuracy of a checkpoint on the fixed HfO2 SZV data splits of README "Accuracy".
+"""Accuracy of a checkpoint on the fixed data splits of README "Accuracy" (HfO2 SZV or GeTe DZVP).
 
     .venv/bin/python profiling/accuracy_splits.py --checkpoint CK [--split NAME ...] [--out JSON]
         [--export egnn/pretrained/hfo2_szv.pt [--training "how it was trained"]]
                                                  # also write CK as the shipped checkpoint, card included
 
-Splits (paths relative to the checkout; ../shared is the shared data, data/generated what
-`egnn data generate hfo2 -o data/generated` makes):
+The material follows from the checkpoint's elements. Paths are relative to the checkout; ../shared
+is the shared data, data/generated what `egnn data generate hfo2 gete -o data/generated` makes.
+HfO2 (SZV) splits:
   in_dist  shared hfo2_kp s0020-s0023: σ = 0.1 Å like most training data, never trained on
   m12_val  generated hfo2_m12_val: 8 × 12 atoms, σ = 0.22 Å, ±3 % strain (held out entirely)
   m24_val  generated hfo2_m24_val: 6 × 24 atoms, σ = 0.20 Å, ±3 % strain (held out entirely)
   m96      shared hfo2_gamma/hfo2_m96_rattled_000: 96 atoms, Γ only, σ = 0.1 Å (train small, predict large)
+GeTe (DZVP) splits:
+  in_dist  shared gete_kp s0014-s0015: σ = 0.1 Å like the shared training runs (the configs' validation)
+  rs8_val  generated gete_rs8_val: 8 × 8 atoms, σ = 0.25 Å, ±3 % strain (held out entirely)
+  rs64     generated gete_rs64_val: 2 × 64 atoms, Γ only, σ = 0.1 Å (train small, predict large)
 Prints one row per split (node MAE per species, pairs < 2 Å, occupied eigenvalues, gap, bands) and
 writes the full `egnn evaluate` results as JSON.
 """
@@ -20,17 +25,54 @@ import glob
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data", "cp2k")
 GEN = os.path.join(ROOT, "data", "generated")
 
-SPLITS = {
-    "in_dist": lambda: sorted(glob.glob(os.path.join(SHARED, "hfo2_kp", "hfo2_m12_rattled_s002[0-3]"))),
-    "m12_val": lambda: sorted(glob.glob(os.path.join(GEN, "hfo2_m12_val", "*_s*"))),
-    "m24_val": lambda: sorted(glob.glob(os.path.join(GEN, "hfo2_m24_val", "*_s*"))),
-    "m96": lambda: sorted(glob.glob(os.path.join(SHARED, "hfo2_gamma", "hfo2_m96_rattled_000"))),
+
+@dataclass(frozen=True)
+class Split:
+    """The run folders root/folder/pattern; calling it lists them."""
+
+    root: str  # SHARED or GEN
+    folder: str  # a shared data set or a generated family
+    pattern: str
+
+    def __call__(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.root, self.folder, self.pattern)))
+
+
+SPLITS = {  # HfO2
+    "in_dist": Split(SHARED, "hfo2_kp", "hfo2_m12_rattled_s002[0-3]"),
+    "m12_val": Split(GEN, "hfo2_m12_val", "*_s*"),
+    "m24_val": Split(GEN, "hfo2_m24_val", "*_s*"),
+    "m96": Split(SHARED, "hfo2_gamma", "hfo2_m96_rattled_000"),
 }
+GETE_SPLITS = {
+    "in_dist": Split(SHARED, "gete_kp", "gete_rs8_rattled_s001[4-5]"),
+    "rs8_val": Split(GEN, "gete_rs8_val", "*_s*"),
+    "rs64": Split(GEN, "gete_rs64_val", "*_s*"),
+}
+# elements -> (name, splits, the card's limits)
+MATERIALS = {
+    ("Hf", "O"): ("hfo2", SPLITS, "HfO2 only (Hf, O), SZV-MOLOPT-SR-GTH, PBE as in shared/data/scripts; "
+                  "monoclinic-derived cells, displacements 0.05-0.22 A, strain within 3 %; see README 'Accuracy'"),
+    ("Ge", "Te"): ("gete", GETE_SPLITS, "GeTe only (Ge, Te), DZVP-MOLOPT-SR-GTH, PBE as in shared/data/scripts; "
+                   "rocksalt-derived cells, displacements 0.05-0.25 A, strain within 3 %; see README 'Accuracy'"),
+}
+
+
+def material(elements) -> tuple:
+    """(name, splits, limits) of a model's elements; an EgnnError for elements no split set covers."""
+    from egnn import EgnnError
+
+    key = tuple(sorted(elements))
+    if key not in MATERIALS:
+        raise EgnnError(f"no accuracy splits for a model of elements {list(key)}; known: "
+                        f"{[list(k) for k in MATERIALS]} (profiling/accuracy_splits.py MATERIALS)")
+    return MATERIALS[key]
 
 
 def summary(r: dict) -> dict:
@@ -47,13 +89,13 @@ def summary(r: dict) -> dict:
     return out
 
 
-def evaluate_splits(model, names, cache: str) -> dict:
+def evaluate_splits(model, names, cache: str, splits=SPLITS) -> dict:
     from egnn.evaluate import evaluate
     from egnn.train import open_datasets
 
     out = {}
     for name in names:
-        runs = SPLITS[name]()
+        runs = splits[name]()
         if runs:
             r = evaluate(model, open_datasets(runs, float(model.config.r_cut), cache))
             out[name] = {"summary": summary(r), "structures": [os.path.basename(p) for p in runs],
@@ -62,16 +104,17 @@ def evaluate_splits(model, names, cache: str) -> dict:
     return out
 
 
-def print_table(res: dict) -> None:
-    print(f"{'split':8s}{'n':>3s}{'MAE':>7s}{'node':>7s}{'Hf':>7s}{'O':>7s}{'<2Å':>7s}{'ε occ':>8s}{'ε %':>7s}"
-          f"{'gap':>7s}{'band':>7s}{'b.gap':>7s}")
+def print_table(res: dict, elements=("Hf", "O")) -> None:
+    nan = float("nan")
+    print(f"{'split':8s}{'n':>3s}{'MAE':>7s}{'node':>7s}" + "".join(f"{e:>7s}" for e in elements) +
+          f"{'<2Å':>7s}{'ε occ':>8s}{'ε %':>7s}{'gap':>7s}{'band':>7s}{'b.gap':>7s}")
     for name, r in res.items():
         s = summary(r["result"]) if "summary" not in r else r["summary"]
         pe = s["node_per_element"]
-        f = [s["mae"], s["node"], pe.get("Hf", float("nan")), pe.get("O", float("nan")), s["pairs_lt_2A"] or float("nan"),
-             s["eig_occ_meV"], s["eig_rel_percent"], s["gap"], s.get("band_mae", float("nan")),
-             s.get("band_gap_mae", float("nan"))]
-        print(f"{name:8s}{len(r['structures']):3d}" + "".join(f"{v:7.2f}" if i == 6 else f"{v:7.1f}"
+        f = [s["mae"], s["node"], *(pe.get(e, nan) for e in elements), s["pairs_lt_2A"] or nan,
+             s["eig_occ_meV"], s["eig_rel_percent"], s["gap"], s.get("band_mae", nan), s.get("band_gap_mae", nan)]
+        pct = 4 + len(elements)  # the ε % column
+        print(f"{name:8s}{len(r['structures']):3d}" + "".join(f"{v:7.2f}" if i == pct else f"{v:7.1f}"
                                                               for i, v in enumerate(f)))
     print("where the Γ-level errors come from (egnn evaluate's eig_by_distance): mean shift of the occupied "
           "levels / mean |gap change| per block shell, meV")
@@ -85,7 +128,8 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or pretrained:NAME")
-    p.add_argument("--split", action="append", choices=sorted(SPLITS), help="only these splits (repeatable)")
+    p.add_argument("--split", action="append", choices=sorted(set(SPLITS) | set(GETE_SPLITS)),
+                   help="only these splits of the checkpoint's material (repeatable)")
     p.add_argument("--out", default=None, help="write the results here as JSON")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--export", default=None, help="write the checkpoint here as a shipped one (float32 weights "
@@ -97,8 +141,12 @@ def main(argv=None):
     from egnn.train import default_cache_dir, model_from_checkpoint
 
     model = model_from_checkpoint(a.checkpoint)
-    res = evaluate_splits(model, a.split or list(SPLITS), default_cache_dir())
-    print_table(res)
+    name, splits, limits = material(model.basis.elements)
+    wrong = sorted(set(a.split or []) - set(splits))
+    if wrong:
+        p.error(f"split(s) {wrong} are not {name} splits; {name} has {sorted(splits)}")
+    res = evaluate_splits(model, a.split or list(splits), default_cache_dir(), splits)
+    print_table(res, list(model.basis.elements))
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
@@ -116,8 +164,7 @@ def main(argv=None):
                 "held_out": {k: {"structures": r["structures"], **r["summary"]} for k, r in res.items()},
                 "elements": sorted(model.basis.elements), "basis": model.basis.name,
                 "r_cut": float(model.config.r_cut), **({"training": a.training} if a.training else {}),
-                "limits": "HfO2 only (Hf, O), SZV-MOLOPT-SR-GTH, PBE as in shared/data/scripts; monoclinic-derived "
-                          "cells, displacements 0.05-0.22 A, strain within 3 %; see README 'Accuracy'"}
+                "limits": limits}
         export(a.checkpoint, a.export, card)
         print(f"wrote {a.export} ({os.path.getsize(a.export) / 2**20:.1f} MiB)")
     return 0
