@@ -82,6 +82,9 @@ PLANS: dict[str, list[Family]] = {
         # added as the held-out onsite error kept falling with data (README "Accuracy")
         _hfo2("hfo2_m12_d17s", 0.17, range(64), 16, strain=0.03),
         _hfo2("hfo2_m24_d15s", 0.15, range(24), 17, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03),
+        # the held-out gaps stayed 2.5-5x off their goal with σ <= 0.20 training data; the range
+        # reaches 0.25 Å, so 24-atom cells at the held-out σ (still ~15 % of the training structures)
+        _hfo2("hfo2_m24_d22s", 0.22, range(48), 21, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03),
         _hfo2("hfo2_m12_val", 0.22, range(8), 7, strain=0.03, role="val"),
         _hfo2("hfo2_m24_val", 0.20, range(6), 8, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03,
               role="val"),
