@@ -11,6 +11,10 @@ back into orbital blocks with `blocks.from_coupled`), in meV:
 * eigenvalues at Γ: H c = ε S c with the predicted H and the DFT S (both Σ_R), the occupied
   states (valence electrons / 2) and the first unoccupied one against DFT: `eig_mae_meV`,
   `eig_rel` = mean |Δε| / mean |ε_DFT| (a fraction; `eig_rel_percent`), `gap_mae_meV`.
+* `ghost_levels`: predicted Γ levels more than GHOST_MARGIN below the lowest DFT level, which have
+  no DFT counterpart. A small H error along a near-null direction of S makes them (egnn.spectral;
+  `train.eig_fragile`); each one shifts the occupied-level count, so the eigenvalue figures of a
+  structure with ghosts are not level-by-level errors any more.
 * `eig_by_distance`: where the Γ-level errors come from. The first-order shift v_kᵀ ΔH v_k (DFT
   eigenvectors) of the errors of the node blocks and of the edge blocks in distance shells, and of
   what r_cut leaves out: per shell the mean shift of the occupied levels and the gap change. The
@@ -42,6 +46,12 @@ __all__ = ["evaluate", "evaluate_sample", "valence_electrons", "make_plots", "GT
 
 MAX_PLOT_POINTS = 200_000
 BAND_PATH_POINTS = 60  # k-points along ase's standard path of each cell
+GHOST_MARGIN = 1.0  # eV below the lowest DFT level: a predicted level there has no DFT counterpart
+
+
+def ghost_levels(e_pred, e_dft) -> int:
+    """How many predicted levels lie more than GHOST_MARGIN below the lowest DFT level."""
+    return int((np.asarray(e_pred) < np.min(e_dft) - GHOST_MARGIN).sum())
 
 
 # ----------------------------------------------------------------------------- one structure
@@ -171,6 +181,7 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
                eig_lumo_err_meV=1000 * float(d[-1]), eig_mae_shifted_meV=1000 * float(np.abs(d - c).mean()),
                eig_rel=float(np.abs(d).mean() / np.abs(e_dft).mean()),
                eig_rel_shifted=float(np.abs(d - c).mean() / np.abs(e_dft).mean()),
+               ghost_levels=ghost_levels(e_pred, e_dft),
                gap_dft_eV=float(e_dft[-1] - e_dft[-2]), gap_pred_eV=float(e_pred[-1] - e_pred[-2]),
                homo_dft_eV=float(e_dft[-2]), homo_pred_eV=float(e_pred[-2]))
     res["gap_err_meV"] = 1000 * (res["gap_pred_eV"] - res["gap_dft_eV"])
@@ -320,7 +331,9 @@ def evaluate(model, data, edge_chunk: int | None = None, bin_width: float = 1.0,
                eig_occ_mae_shifted_meV=1000 * float(np.abs(ds[occ]).mean()),
                eig_rel=float(np.abs(d).mean() / np.abs(e).mean()),
                eig_rel_shifted=float(np.abs(ds).mean() / np.abs(e).mean()),
-               gap_mae_meV=float(np.mean([abs(p["gap_err_meV"]) for p in per])))
+               gap_mae_meV=float(np.mean([abs(p["gap_err_meV"]) for p in per])),
+               ghost_levels=sum(p["ghost_levels"] for p in per),
+               ghost_structures=sum(p["ghost_levels"] > 0 for p in per))
     # per shell: mean over structures of the signed contributions, and of their size
     rows = {}
     for p in per:

@@ -82,7 +82,7 @@ def summary(r: dict) -> dict:
            "node_per_element": {k: v["mae_meV"] for k, v in r["per_element_node"].items()},
            "pairs_lt_2A": near[0]["mae_meV"] if near else None,
            "eig_occ_meV": r["eig_occ_mae_meV"], "eig_rel_percent": r["eig_rel_percent"], "gap": r["gap_mae_meV"],
-           "eig_rel_shifted_percent": r["eig_rel_shifted_percent"]}
+           "eig_rel_shifted_percent": r["eig_rel_shifted_percent"], "ghost_levels": r.get("ghost_levels", 0)}
     for k in ("band_mae_meV", "band_occ_mae_meV", "band_empty_mae_meV", "band_gap_mae_meV", "band_mae_shifted_meV"):
         if k in r:
             out[k.replace("_meV", "")] = r[k]
@@ -107,7 +107,7 @@ def evaluate_splits(model, names, cache: str, splits=SPLITS) -> dict:
 def print_table(res: dict, elements=("Hf", "O")) -> None:
     nan = float("nan")
     print(f"{'split':8s}{'n':>3s}{'MAE':>7s}{'node':>7s}" + "".join(f"{e:>7s}" for e in elements) +
-          f"{'<2Å':>7s}{'ε occ':>8s}{'ε %':>7s}{'gap':>7s}{'band':>7s}{'b.gap':>7s}")
+          f"{'<2Å':>7s}{'ε occ':>8s}{'ε %':>7s}{'gap':>7s}{'band':>7s}{'b.gap':>7s}{'ghost':>6s}")
     for name, r in res.items():
         s = summary(r["result"]) if "summary" not in r else r["summary"]
         pe = s["node_per_element"]
@@ -115,7 +115,7 @@ def print_table(res: dict, elements=("Hf", "O")) -> None:
              s["eig_occ_meV"], s["eig_rel_percent"], s["gap"], s.get("band_mae", nan), s.get("band_gap_mae", nan)]
         pct = 4 + len(elements)  # the ε % column
         print(f"{name:8s}{len(r['structures']):3d}" + "".join(f"{v:7.2f}" if i == pct else f"{v:7.1f}"
-                                                              for i, v in enumerate(f)))
+                                                              for i, v in enumerate(f)) + f"{s.get('ghost_levels', 0):6d}")
     print("where the Γ-level errors come from (egnn evaluate's eig_by_distance): mean shift of the occupied "
           "levels / mean |gap change| per block shell, meV")
     for name, r in res.items():
