@@ -11,9 +11,10 @@ back into orbital blocks with `blocks.from_coupled`), in meV:
 * eigenvalues at Γ: H c = ε S c with the predicted H and the DFT S (both Σ_R), the occupied
   states (valence electrons / 2) and the first unoccupied one against DFT: `eig_mae_meV`,
   `eig_rel` = mean |Δε| / mean |ε_DFT| (a fraction; `eig_rel_percent`), `gap_mae_meV`.
-* `ghost_levels`: predicted Γ levels more than GHOST_MARGIN below the lowest DFT level, which have
-  no DFT counterpart. A small H error along a near-null direction of S makes them (egnn.spectral;
-  `train.eig_fragile`); each one shifts the occupied-level count, so the eigenvalue figures of a
+* `ghost_levels`: how many more predicted Γ levels than occupied DFT ones lie below the DFT
+  mid-gap: levels with no DFT counterpart. A small H error along a near-null direction of S brings
+  such a level down from tens of eV (egnn.spectral; `train.eig_fragile`), into the gap or below
+  every occupied level; each one shifts the level count, so the eigenvalue and gap figures of a
   structure with ghosts are not level-by-level errors any more.
 * `eig_by_distance`: where the Γ-level errors come from. The first-order shift v_kᵀ ΔH v_k (DFT
   eigenvectors) of the errors of the node blocks and of the edge blocks in distance shells, and of
@@ -46,12 +47,14 @@ __all__ = ["evaluate", "evaluate_sample", "valence_electrons", "make_plots", "GT
 
 MAX_PLOT_POINTS = 200_000
 BAND_PATH_POINTS = 60  # k-points along ase's standard path of each cell
-GHOST_MARGIN = 1.0  # eV below the lowest DFT level: a predicted level there has no DFT counterpart
+GHOST_WINDOW = 16  # predicted levels above the occupied ones searched for ghosts
 
 
-def ghost_levels(e_pred, e_dft) -> int:
-    """How many predicted levels lie more than GHOST_MARGIN below the lowest DFT level."""
-    return int((np.asarray(e_pred) < np.min(e_dft) - GHOST_MARGIN).sum())
+def ghost_levels(e_pred, e_dft, n_occ: int) -> int:
+    """How many more predicted levels (e_pred: the lowest n_occ + GHOST_WINDOW or all) than the n_occ
+    occupied DFT levels lie below the DFT mid-gap (e_dft: at least n_occ + 1 levels, ascending)."""
+    mid = 0.5 * (e_dft[n_occ - 1] + e_dft[n_occ])
+    return max(0, int((np.asarray(e_pred) < mid).sum()) - n_occ)
 
 
 # ----------------------------------------------------------------------------- one structure
@@ -171,17 +174,18 @@ def evaluate_sample(model, x, edge_chunk: int | None = None, name: str = "", sou
         raise InputError(f"{name}: {n_occ} occupied states need more than the {n} orbitals of the basis")
     try:
         e_dft, V = scipy.linalg.eigh(H_dft, S_dft, subset_by_index=[0, n_occ])
-        e_pred = scipy.linalg.eigh(Hp, S_dft, eigvals_only=True, subset_by_index=[0, n_occ])
+        e_wide = scipy.linalg.eigh(Hp, S_dft, eigvals_only=True, subset_by_index=[0, min(n - 1, n_occ + GHOST_WINDOW)])
     except np.linalg.LinAlgError as exc:
         raise InputError(f"{name}: the generalized eigenproblem failed ({exc}); is S positive definite? "
                          "(a too small r_cut can truncate S)") from None
+    e_pred = e_wide[:n_occ + 1]
     d = e_pred - e_dft
     res.update(eig_reference=ref, valence_electrons=n_el, valence_from=qsrc, n_occupied=n_occ,
                eig_mae_meV=1000 * float(np.abs(d).mean()), eig_occ_mae_meV=1000 * float(np.abs(d[:-1]).mean()),
                eig_lumo_err_meV=1000 * float(d[-1]), eig_mae_shifted_meV=1000 * float(np.abs(d - c).mean()),
                eig_rel=float(np.abs(d).mean() / np.abs(e_dft).mean()),
                eig_rel_shifted=float(np.abs(d - c).mean() / np.abs(e_dft).mean()),
-               ghost_levels=ghost_levels(e_pred, e_dft),
+               ghost_levels=ghost_levels(e_wide, e_dft, n_occ),
                gap_dft_eV=float(e_dft[-1] - e_dft[-2]), gap_pred_eV=float(e_pred[-1] - e_pred[-2]),
                homo_dft_eV=float(e_dft[-2]), homo_pred_eV=float(e_pred[-2]))
     res["gap_err_meV"] = 1000 * (res["gap_pred_eV"] - res["gap_dft_eV"])

@@ -261,9 +261,9 @@ def test_training_reports_levels_without_the_fragile_directions(tmp_path):
 
 
 def test_an_error_along_a_fragile_direction_makes_a_ghost_level(tmp_path):
-    """What egnn.evaluate's ghost_levels counts: 0.5 eV of H error along the shortest-S direction of a
-    DZVP GeTe cell pulls a level from tens of eV above the gap to far below the lowest DFT level;
-    the same error along an occupied level's direction moves it by at most 0.5 eV (no ghost)."""
+    """What egnn.evaluate's ghost_levels counts: 0.5 eV of H error along the longest S-normalised
+    direction of a DZVP GeTe cell pulls a level from tens of eV above the gap to below the occupied
+    levels; the same error along an occupied level's direction moves it by at most 0.5 eV (no ghost)."""
     from egnn.evaluate import ghost_levels
 
     ds = open_datasets([GETE], 8.0, str(tmp_path / "cache"))[0]
@@ -275,5 +275,7 @@ def test_an_error_along_a_fragile_direction_makes_a_ghost_level(tmp_path):
     for k, want in ((int(np.argmax(norm2)), 1), (0, 0)):
         u = V[:, k] / np.sqrt(norm2[k])
         e1 = scipy.linalg.eigh(H0 - 0.5 * np.outer(u, u), S, eigvals_only=True)  # uᵀ ΔH u = -0.5 eV
-        assert ghost_levels(e1[:21], e0[:21]) == want
+        n_occ = 20  # Ge4Te4: 40 valence electrons
+        assert ghost_levels(e1[:n_occ + 16], e0, n_occ) == want
+        assert (e1[0] < e0[0] - 10) == bool(want)  # far below every occupied level
     assert norm2.max() > 50 and e0[np.argmax(norm2)] > 20  # a long vector of a high level

@@ -52,8 +52,8 @@ def _print(r: dict, per_structure: bool) -> None:
           f"({r['eig_rel_shifted_percent']:.3f} %); occupied {r['eig_occ_mae_meV']:.2f} meV, "
           f"first unoccupied {r['eig_lumo_mae_meV']:.2f} meV; band gap MAE {r['gap_mae_meV']:.2f} meV")
     if r["ghost_levels"]:
-        print(f"GHOST LEVELS: {r['ghost_levels']} predicted Γ level(s) in {r['ghost_structures']} structure(s) lie more "
-              "than 1 eV below the lowest DFT level (H errors along near-null directions of S, egnn.spectral); the "
+        print(f"GHOST LEVELS: {r['ghost_levels']} predicted Γ level(s) in {r['ghost_structures']} structure(s) below the DFT "
+              "mid-gap beyond the occupied count (H errors along near-null directions of S, egnn.spectral); the "
               "eigenvalue figures of those structures do not compare level by level. Train with train.eig_fragile")
     print("where the Γ-level errors come from (first order, per block shell): mean shift of the occupied levels | "
           "gap change (mean, mean |.|), meV")
