@@ -12,10 +12,11 @@ back into orbital blocks with `blocks.from_coupled`), in meV:
   states (valence electrons / 2) and the first unoccupied one against DFT: `eig_mae_meV`,
   `eig_rel` = mean |Δε| / mean |ε_DFT| (a fraction; `eig_rel_percent`), `gap_mae_meV`.
 * `ghost_levels`: how many more predicted Γ levels than occupied DFT ones lie below the DFT
-  mid-gap: levels with no DFT counterpart. A small H error along a near-null direction of S brings
-  such a level down from tens of eV (egnn.spectral; `train.eig_fragile`), into the gap or below
-  every occupied level; each one shifts the level count, so the eigenvalue and gap figures of a
-  structure with ghosts are not level-by-level errors any more.
+  mid-gap: levels with no DFT counterpart. Where S has near-null directions (DZVP GeTe: smallest
+  eigenvalue of S(Γ) ~4e-3, SZV HfO2 ~0.14) the S-normalised eigenvectors of the high levels along
+  them are long (|v|² up to ~170), so an H error of 0.3 eV along one moves its level from +45 eV to
+  −30 eV: into the gap or below every occupied level. Each ghost shifts the level count, so the
+  eigenvalue and gap figures of a structure with ghosts are not level-by-level errors any more.
 * `eig_by_distance`: where the Γ-level errors come from. The first-order shift v_kᵀ ΔH v_k (DFT
   eigenvectors) of the errors of the node blocks and of the edge blocks in distance shells, and of
   what r_cut leaves out: per shell the mean shift of the occupied levels and the gap change. The

@@ -12,19 +12,11 @@ error of both the reference and the plain model, with an element MAE there under
 loss penalises exactly that sum. It is linear in the predicted blocks (no eigensolver in the
 training step, well defined at degeneracies) and zero at the DFT H.
 
-Ghost levels (`fragile`). Where S has near-null directions (DZVP GeTe: smallest eigenvalue of
-S(Γ) ~4e-3; SZV HfO2 ~0.14), the S-normalised eigenvectors of the high levels along them are long,
-|v|² up to ~170, so a small H error there moves such a level by |v|² times as much: an error of
-0.3 eV brings a level from +45 eV to −30 eV, below every occupied level (seen on held-out GeTe
-cells). With `fragile` = A, the levels above the window whose |v|² > A join the loss as unit
-vectors v/|v|: their "shift" is the H error along that direction (eV), weighted like one level.
-
 `prepare` (once per structure, numpy): H(Γ), S(Γ) from the sample's own targets (the DFT blocks
 within r_cut, so the loss is zero where the element loss is), the generalized eigenvectors of
-the occupied levels and `n_empty` empty ones (then the fragile directions), and per species pair
-the orbital rows/columns of each block. `first_order` (torch, differentiable): the shifts
-δε [n_occ + n_empty (+ n_fragile)] of a prediction, block by block:
-δε_k = Σ_blocks Σ_ij V[row_i, k] ΔB[i, j] V[col_j, k].
+the occupied levels and `n_empty` empty ones, and per species pair the orbital rows/columns of
+each block. `first_order` (torch, differentiable): the shifts δε [n_occ + n_empty] of a
+prediction, block by block: δε_k = Σ_blocks Σ_ij V[row_i, k] ΔB[i, j] V[col_j, k].
 """
 from __future__ import annotations
 
@@ -44,15 +36,14 @@ __all__ = ["Spectrum", "prepare", "first_order", "gamma_matrices", "dense"]
 class Spectrum:
     """What `first_order` needs of one structure (all tensors on one device)."""
 
-    vec: torch.Tensor  # [n_orb, n_levels + n_fragile] DFT eigenvectors: S-normalised occupied, empty; unit fragile
+    vec: torch.Tensor  # [n_orb, n_levels] DFT eigenvectors (S-normalised), occupied then empty
     groups: list  # (kind "node" | "edge", a, b, idx [g], rows [g, na], cols [g, nb]) per species pair
     n_occ: int
-    n_fragile: int = 0  # the last columns of vec: near-null directions of S (module docstring)
 
     def to(self, device, dtype=None):
         return Spectrum(self.vec.to(device, dtype or self.vec.dtype),
                         [(k, a, b, i.to(device), r.to(device), c.to(device)) for k, a, b, i, r, c in self.groups],
-                        self.n_occ, self.n_fragile)
+                        self.n_occ)
 
 
 def dense(n, offs, rows_atom, cols_atom, groups) -> np.ndarray:
@@ -102,9 +93,8 @@ def gamma_matrices(x, basis, h_targets=None):
     return 0.5 * (H + H.T), 0.5 * (S + S.T), groups
 
 
-def prepare(x, basis, n_occ: int, n_empty: int = 2, fragile: float = 0.0, name: str = "") -> Spectrum:
-    """The Spectrum of an `egnn.dataset.Sample` loaded with overlap=True (see the module docstring);
-    `fragile` > 0 adds the levels above the window whose eigenvectors have |v|² > fragile."""
+def prepare(x, basis, n_occ: int, n_empty: int = 2, name: str = "") -> Spectrum:
+    """The Spectrum of an `egnn.dataset.Sample` loaded with overlap=True (see the module docstring)."""
     if not x.overlap:
         raise InputError(f"{name}: the Γ-eigenvalue loss (train.eig_weight) needs S; the dataset was converted "
                          "with --no-overlap. Re-run `egnn data convert` without it, or set train.eig_weight: 0")
@@ -115,14 +105,11 @@ def prepare(x, basis, n_occ: int, n_empty: int = 2, fragile: float = 0.0, name: 
                          "basis; lower train.eig_empty")
     H, S, groups = gamma_matrices(x, basis)
     try:
-        _, V = scipy.linalg.eigh(H, S, subset_by_index=None if fragile > 0 else [0, k - 1])
+        _, V = scipy.linalg.eigh(H, S, subset_by_index=[0, k - 1])
     except np.linalg.LinAlgError as exc:
         raise InputError(f"{name}: the generalized eigenproblem of the DFT H, S within r_cut failed ({exc}); "
                          "raise data.r_cut or set train.eig_weight: 0") from None
-    far = V[:, k:]
-    norm2 = np.einsum("ij,ij->j", far, far)
-    far = far[:, norm2 > fragile] / np.sqrt(norm2[norm2 > fragile]) if fragile > 0 else far[:, :0]
-    return Spectrum(torch.from_numpy(np.concatenate([V[:, :k], far], axis=1)), groups, n_occ, far.shape[1])
+    return Spectrum(torch.from_numpy(V), groups, n_occ)
 
 
 def first_order(spec: Spectrum, node_err: torch.Tensor | None, edge_err: torch.Tensor, basis) -> torch.Tensor:

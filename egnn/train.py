@@ -5,8 +5,6 @@ The loss is the element loss (L1 + L2 over unpadded coupled-basis elements, node
 `train.node_weight`) plus, with `train.eig_weight` > 0, the same L1 + L2 of the first-order Γ-level
 errors of each structure (its occupied levels and `train.eig_empty` empty ones; egnn.spectral):
 what the eigenvalues see of the many small far blocks, which the element loss treats as independent.
-`train.eig_fragile` adds the H error along the near-null directions of S, where a small error makes
-a ghost level (egnn.spectral).
 
 A training example is a `Sample`: one structure's graph and its coupled-basis targets with masks
 (built from DFT data by `egnn.dataset`). Several samples are joined into one disjoint graph per step.
@@ -165,7 +163,6 @@ TRAIN_DEFAULTS = {
     "epochs": 100, "lr": 3e-3, "weight_decay": 0.0, "batch_size": 1, "amp": "off", "seed": 0,
     "checkpoint_every": 10, "lr_factor": 0.5, "lr_patience": 10, "min_lr": 1e-5, "l1": 1.0, "l2": 1.0,
     "grad_clip": 10.0, "max_minutes": None, "device": "auto", "node_weight": 1.0, "eig_weight": 0.0, "eig_empty": 2,
-    "eig_fragile": 0.0,
     "ema_decay": 0.0,
 }
 DATA_KEYS = {"train", "val", "r_cut", "cache"}
@@ -206,7 +203,6 @@ _TRAIN_SCHEMA = {
     "node_weight": ("float", lambda v: v >= 0, "a number >= 0"),
     "eig_weight": ("float", lambda v: v >= 0, "a number >= 0"),
     "eig_empty": ("int", lambda v: v >= 0, "an integer >= 0"),
-    "eig_fragile": ("float", lambda v: v == 0 or v >= 1, "0 (off) or a |v|² threshold >= 1, e.g. 20"),
     "ema_decay": ("float", lambda v: 0 <= v < 1, "a number in [0, 1) (0: off)"),
 }
 
@@ -485,22 +481,18 @@ class Trainer:
         total = (w * ln * nn_ + le * ne) / max(w * nn_ + ne, 1)
         st = {"node_abs": an.item(), "node_n": nn_, "edge_abs": ae.item(), "edge_n": ne}
         if s.spectra and self.cfg.get("eig_weight"):
-            d, level = self.eigen_shifts(s, node, edge)
+            d = self.eigen_shifts(s, node, edge)
             total = total + float(self.cfg["eig_weight"]) * (l1 * d.abs().mean() + l2 * d.square().mean())
-            st.update(eig_abs=d.detach()[level].abs().sum().item(), eig_n=int(level.sum()))  # levels only
+            st.update(eig_abs=d.detach().abs().sum().item(), eig_n=d.numel())
         return total, st
 
-    def eigen_shifts(self, s: Sample, node, edge) -> tuple[torch.Tensor, torch.Tensor]:
-        """First-order Γ-eigenvalue errors [levels and fragile directions of all structures] of a
-        prediction (egnn.spectral), and a mask of the levels (False: fragile directions)."""
+    def eigen_shifts(self, s: Sample, node, edge) -> torch.Tensor:
+        """First-order Γ-eigenvalue errors [levels of all structures] of a prediction (egnn.spectral)."""
         from .spectral import first_order
 
         dn, de = node - s.node_target, edge - s.edge_target
-        d = torch.cat([first_order(sp, dn[no:no + n], de[eo:eo + e], self.model.basis)
-                       for no, n, eo, e, sp in s.spectra])
-        level = torch.cat([torch.arange(sp.vec.shape[1]) < sp.vec.shape[1] - sp.n_fragile
-                           for *_, sp in s.spectra]).to(d.device)
-        return d, level
+        return torch.cat([first_order(sp, dn[no:no + n], de[eo:eo + e], self.model.basis)
+                          for no, n, eo, e, sp in s.spectra])
 
     def batches(self, epoch: int):
         g = torch.Generator().manual_seed(int(self.cfg["seed"]) * 100003 + epoch)  # resumable order
@@ -628,8 +620,7 @@ class Trainer:
         if self.scaler and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.best = ck["epoch"], ck["best"]
-        saved = ck.get("best_loss") or ck.get("train_config") or {}
-        old = {k: saved.get(k, TRAIN_DEFAULTS[k]) for k in LOSS_KEYS}  # keys added since: their defaults
+        old = ck.get("best_loss") or {k: (ck.get("train_config") or {}).get(k, TRAIN_DEFAULTS[k]) for k in LOSS_KEYS}
         if old != self._loss_definition():
             # a best value measured with another loss would keep best.pt from ever being written again
             self.log(f"resume: the loss differs from the one the checkpoint's best was measured with ({old} -> "
@@ -640,7 +631,7 @@ class Trainer:
         return {k: self.cfg.get(k, TRAIN_DEFAULTS[k]) for k in LOSS_KEYS}
 
 
-LOSS_KEYS = ("l1", "l2", "node_weight", "eig_weight", "eig_empty", "eig_fragile")  # what the validation loss (and best.pt) means
+LOSS_KEYS = ("l1", "l2", "node_weight", "eig_weight", "eig_empty")  # what the validation loss (and best.pt) means
 STAT_KEYS = ("node_abs", "node_n", "edge_abs", "edge_n", "eig_abs", "eig_n")
 
 
@@ -772,11 +763,9 @@ def open_datasets(paths: list[str], r_cut: float, cache_dir: str, min_coverage: 
     return out
 
 
-def load_samples(datasets, basis, dtype=torch.float32, eig_empty: int | None = None,
-                 eig_fragile: float = 0.0) -> list[Sample]:
+def load_samples(datasets, basis, dtype=torch.float32, eig_empty: int | None = None) -> list[Sample]:
     """Training Samples of every structure; with `eig_empty` (not None) each also carries the
-    Spectrum of its occupied and `eig_empty` empty Γ levels (and `eig_fragile`'s directions) for
-    the eigenvalue loss."""
+    Spectrum of its occupied and `eig_empty` empty Γ levels for the eigenvalue loss."""
     from .io.cp2k import valence_electrons
     from .spectral import prepare
 
@@ -797,7 +786,7 @@ def load_samples(datasets, basis, dtype=torch.float32, eig_empty: int | None = N
             s = to_sample(x, dtype, name=os.path.basename(src.rstrip("/")))
             if eig_empty is not None:
                 n_el, _ = valence_electrons([basis._symbol(int(z)) for z in x.graph.numbers], src)
-                sp = prepare(x, basis, n_el // 2, eig_empty, eig_fragile, name=src)
+                sp = prepare(x, basis, n_el // 2, eig_empty, name=src)
                 s.spectra = [(0, s.num_nodes, 0, len(s.edge_target), sp.to("cpu", dtype))]
             out.append(s)
     return out
@@ -860,8 +849,7 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     basis = train_ds[0].basis
     mcfg = ModelConfig.from_dict({**cfg.model, "basis": basis, "r_cut": cfg.r_cut})
     eig = int(cfg.train["eig_empty"]) if float(cfg.train["eig_weight"]) > 0 else None
-    frag = float(cfg.train["eig_fragile"])
-    train, val = (load_samples(d, basis, eig_empty=eig, eig_fragile=frag) for d in (train_ds, val_ds))
+    train, val = load_samples(train_ds, basis, eig_empty=eig), load_samples(val_ds, basis, eig_empty=eig)
     if resume:
         _check_resume(resume, mcfg, cfg, resume_ck)
     model = HamiltonianModel(mcfg)

@@ -201,65 +201,6 @@ def test_site_potential_probe_gives_the_madelung_potential_of_rocksalt():
 GETE = os.path.join(FIX, "gete_rs8_rattled_s0003")  # DZVP: S(Γ) has near-null directions (~5e-3)
 
 
-def test_fragile_directions_are_the_levels_a_small_error_moves_most(tmp_path):
-    """train.eig_fragile: the unit vectors along the long S-normalised eigenvectors; their first-order
-    entry is the H error along them, and the exact shift of their level is |v|² times that (the
-    amplification that makes ghost levels of held-out GeTe cells)."""
-    ds = open_datasets([GETE], 8.0, str(tmp_path / "cache"))[0]
-    ds.overlap, ds.dtype = True, torch.float64
-    x, basis = ds[0], ds.basis
-    n_occ = valence_electrons([basis._symbol(int(z)) for z in x.graph.numbers], GETE)[0] // 2
-    plain, spec = prepare(x, basis, n_occ, 2), prepare(x, basis, n_occ, 2, fragile=20.0)
-    k = n_occ + 2
-    assert spec.n_fragile >= 4 and plain.n_fragile == 0 and spec.vec.shape[1] == k + spec.n_fragile
-    win = spec.vec[:, :k]  # the levels are unchanged (up to signs and rotations among degenerate ones)
-    assert torch.allclose(win @ win.T, plain.vec @ plain.vec.T, atol=1e-8)
-    frag = spec.vec[:, k:].numpy()
-    assert np.allclose(np.linalg.norm(frag, axis=0), 1.0)
-    H0, S, _ = gamma_matrices(x, basis)
-    e, V = scipy.linalg.eigh(H0, S)
-    norm2 = np.einsum("ij,ij->j", V, V)
-    assert norm2[:k].max() < 3 and (norm2[k:] > 20).sum() == spec.n_fragile  # occupied levels are short
-    # a small random H error: the entries are v̂ᵀ ΔH(Γ) v̂, and the exact level shifts |v|² times them
-    rng = np.random.default_rng(2)
-    sets = _block_sets(x)
-    masks = [x.node_mask.numpy(), x.edge_mask.numpy()]
-    pert = [np.where(m, 1e-5 * rng.standard_normal(m.shape), 0) for m in masks]
-    d = first_order(spec, *errors(x, pert), basis).numpy()[k:]
-    H1, _, _ = gamma_matrices(x, basis, [t.numpy() + p for (_, _, _, t, _), p in zip(sets, pert)])
-    assert np.allclose(d, np.einsum("ik,ij,jk->k", frag, H1 - H0, frag), atol=1e-12)
-    far = np.flatnonzero(norm2 > 20)
-    exact = scipy.linalg.eigh(H1, S, eigvals_only=True)[far] - e[far]
-    gaps = np.diff(e)
-    isolated = [i for i, j in enumerate(far) if min(gaps[j - 1], gaps[j] if j < len(gaps) else 1) > 0.1]
-    assert isolated  # compare levels that do not mix with a neighbour at second order
-    np.testing.assert_allclose(exact[isolated], (norm2[far] * d)[isolated], rtol=0.05, atol=2e-6)
-    assert np.abs(exact[isolated]).max() > 10 * np.abs(first_order(spec, *errors(x, pert), basis).numpy()[:k]).max()
-
-
-def test_training_reports_levels_without_the_fragile_directions(tmp_path):
-    """The validation "Γ levels" figure keeps its meaning with train.eig_fragile: the fragile entries
-    are in the loss, not in the level MAE."""
-    from egnn.model import HamiltonianModel, ModelConfig
-    from egnn.train import TRAIN_DEFAULTS, Trainer
-
-    ds = open_datasets([GETE], 8.0, str(tmp_path / "cache"))[0]
-    plain = load_samples([ds], ds.basis, eig_empty=2)[0]
-    both = load_samples([ds], ds.basis, eig_empty=2, eig_fragile=20.0)[0]
-    n_levels = plain.spectra[0][4].vec.shape[1]
-    torch.manual_seed(0)
-    model = HamiltonianModel(ModelConfig(basis=ds.basis, r_cut=8.0, lmax=4, mmax=2, channels=4, layers=1, heads=1,
-                                         hidden=8, num_rbf=4))
-    tr = Trainer(model, [both], [both], {**TRAIN_DEFAULTS, "epochs": 1, "eig_weight": 1.0},
-                 str(tmp_path / "run"), device=torch.device("cpu"), log=lambda *_: None)
-    node, edge = model(both.species, both.src, both.dst, both.edge_vec)
-    d, level = tr.eigen_shifts(both, node.float(), edge.float())
-    assert int(level.sum()) == n_levels and len(d) == n_levels + both.spectra[0][4].n_fragile
-    _, st = tr.compute(both)
-    assert st["eig_n"] == n_levels
-    assert st["eig_abs"] == pytest.approx(d[level].abs().sum().item(), rel=1e-5)
-
-
 def test_an_error_along_a_fragile_direction_makes_a_ghost_level(tmp_path):
     """What egnn.evaluate's ghost_levels counts: 0.5 eV of H error along the longest S-normalised
     direction of a DZVP GeTe cell pulls a level from tens of eV above the gap to below the occupied

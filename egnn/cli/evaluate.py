@@ -53,8 +53,9 @@ def _print(r: dict, per_structure: bool) -> None:
           f"first unoccupied {r['eig_lumo_mae_meV']:.2f} meV; band gap MAE {r['gap_mae_meV']:.2f} meV")
     if r["ghost_levels"]:
         print(f"GHOST LEVELS: {r['ghost_levels']} predicted Γ level(s) in {r['ghost_structures']} structure(s) below the DFT "
-              "mid-gap beyond the occupied count (H errors along near-null directions of S, egnn.spectral); the "
-              "eigenvalue figures of those structures do not compare level by level. Train with train.eig_fragile")
+              "mid-gap beyond the occupied count (H errors along near-null directions of S, egnn.evaluate); the "
+              "eigenvalue figures of those structures do not compare level by level. Structures unlike the training "
+              "data make them: train on cells nearer these")
     print("where the Γ-level errors come from (first order, per block shell): mean shift of the occupied levels | "
           "gap change (mean, mean |.|), meV")
     for b in r.get("eig_by_distance", []):
