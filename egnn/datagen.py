@@ -85,6 +85,9 @@ PLANS: dict[str, list[Family]] = {
         # the held-out gaps stayed 2.5-5x off their goal with σ <= 0.20 training data; the range
         # reaches 0.25 Å, so 24-atom cells at the held-out σ (still ~15 % of the training structures)
         _hfo2("hfo2_m24_d22s", 0.22, range(48), 21, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03),
+        # 48 of them took m12_val's gap from 127 to 76 meV but m24_val's only from 269 to 234 (node blocks):
+        # more 24-atom cells, at m24_val's σ
+        _hfo2("hfo2_m24_d20s", 0.20, range(32), 23, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03),
         _hfo2("hfo2_m12_val", 0.22, range(8), 7, strain=0.03, role="val"),
         _hfo2("hfo2_m24_val", 0.20, range(6), 8, supercell=(1, 1, 2), kpoints=(2, 2, 1), strain=0.03,
               role="val"),
@@ -98,8 +101,9 @@ PLANS: dict[str, list[Family]] = {
         _gete("gete_rs8_d15s", 0.15, range(48), 18, strain=0.03),
         _gete("gete_rs16_d18s", 0.18, range(16), 19, supercell=(2, 1, 1), kpoints=(1, 2, 2), strain=0.03),
         # the full-data model had ghost levels on 5 of the 8 held-out cells (README "GeTe"): cells
-        # nearer the held-out σ, still below it
-        _gete("gete_rs8_d23s", 0.23, range(24), 22, strain=0.03),
+        # nearer the held-out σ, still below it; the first 24 took them to 4 and halved the band error,
+        # seeds 24-71 measure whether more of them remove the rest
+        _gete("gete_rs8_d23s", 0.23, range(72), 22, strain=0.03),
         _gete("gete_rs8_val", 0.25, range(8), 15, strain=0.03, role="val"),
         # train small, predict large: 64 atoms at Γ with the displacements of most training cells
         _gete("gete_rs64_val", 0.10, range(2), 20, supercell=(2, 2, 2), kpoints=None, role="val"),

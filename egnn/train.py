@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -248,6 +249,7 @@ def _section(raw, key, where) -> dict:
     return dict(val)
 
 
+@functools.cache
 def _unique_key_loader():
     """A SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last silently,
     so a stale second `data:` would drop the first list without a word."""
@@ -265,7 +267,7 @@ def _unique_key_loader():
                 seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep=deep)
 
-    return Loader
+    return Loader  # built once, on the first config read (yaml is imported lazily)
 
 
 def load_config(path_or_dict, base_dir: str | None = None) -> TrainConfig:
