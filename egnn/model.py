@@ -23,7 +23,7 @@ from .nn.reference import TwoCentreReference
 __all__ = ["ModelConfig", "HamiltonianModel", "OutputHead", "Encoded", "OutputChunk", "edge_chunks"]
 
 ONSITE_MODES = ("node", "node+edges")
-REFERENCES = ("none", "two_centre", "two_centre+kinetic")
+REFERENCES = ("none", "two_centre")
 # Σ over the ~100-200 incoming edges within 8-12 Å: keeps the initial onsite sum O(1)
 ONSITE_EDGE_NORM = 1.0 / 32.0
 
@@ -50,9 +50,7 @@ class ModelConfig:
     node_head_input: str = "last"
     # "two_centre": add a linear two-centre reference H (Slater-Koster hoppings and a crystal-field
     # onsite sum over exponential radial features, egnn.nn.reference) fitted in closed form to the
-    # training data; the network predicts the residual. "two_centre+kinetic": the same on top of the
-    # exact kinetic blocks T of the basis (egnn.nn.kinetic, tabulated with PySCF when training starts),
-    # so that reference and network describe V = H − T. "none": the network predicts H itself
+    # training data; the network predicts the residual. "none": the network predicts H itself
     reference: str = "none"
 
     def __post_init__(self):
@@ -176,9 +174,8 @@ class HamiltonianModel(nn.Module):
         self.edge_log_scale = RadialMLP(cfg.num_rbf, max(self.edge_counts))
         nn.init.zeros_(self.edge_log_scale.net[-1].weight)
         nn.init.zeros_(self.edge_log_scale.net[-1].bias)
-        self.reference = (TwoCentreReference(S, L, max(self.node_counts), max(self.edge_counts), cfg.r_cut,
-                                             kinetic=cfg.reference == "two_centre+kinetic")
-                          if cfg.reference != "none" else None)
+        self.reference = (TwoCentreReference(S, L, max(self.node_counts), max(self.edge_counts), cfg.r_cut)
+                          if cfg.reference == "two_centre" else None)
         # output statistics (set by the trainer from the data): per-species L = 0 shift, per-(L, c) scale
         self.register_buffer("node_shift", torch.zeros(S, max(self.node_counts)))
         self.register_buffer("node_scale", torch.ones(L + 1, max(self.node_counts)))

@@ -57,7 +57,6 @@ import torch
 from .errors import InputError
 from .io import rows as rowfile
 from .io.cp2k import symmetrize  # noqa: F401  (re-exported)
-from .io.pyscf import check_overlap_basis, pyscf_basis_name  # noqa: F401  (re-exported)
 from .io.structure import parse_tile, read_input  # noqa: F401  (re-exported)
 
 __all__ = ["read_input", "parse_tile", "predict_structure", "predict_to_files", "output_chunks", "row_blocks",
@@ -227,6 +226,39 @@ def predict_structure(model, atoms, edge_chunk: int | None = DEFAULT_EDGE_CHUNK,
 
 
 # ----------------------------------------------------------------------------- overlap (PySCF)
+def pyscf_basis_name(cp2k_name: str) -> str:
+    """'SZV-MOLOPT-SR-GTH' -> 'gth-szv-molopt-sr' (PySCF's name of the same MOLOPT set)."""
+    import re
+
+    name = re.sub(r"-q\d+$", "", cp2k_name.strip(), flags=re.I)
+    name = re.sub(r"-GTH$", "", name, flags=re.I)
+    return "gth-" + name.lower()
+
+
+def check_overlap_basis(basis, elements, pyscf_basis: str | None = None) -> str:
+    """The PySCF basis name for S, checked (cheaply, one atom per element) to give the checkpoint's
+    shells for every element; InputError when PySCF or the basis is missing or does not match."""
+    from ase.data import atomic_numbers
+
+    from .basis import OrbitalBasis
+    from .io.pyscf import _load_basis, _pyscf
+
+    gto, _ = _pyscf()  # clear InputError when PySCF is missing
+    name = pyscf_basis or (pyscf_basis_name(basis.name.split("+")[0]) if basis.name else None)
+    if not name:
+        raise InputError("--with-overlap: the checkpoint's basis has no name; give --overlap-basis "
+                         "(a PySCF basis name like gth-szv-molopt-sr)")
+    bas = _load_basis(name, sorted(set(elements)))
+    for el in sorted(set(elements)):
+        z = atomic_numbers[el]
+        mol = gto.M(atom=[[el, (0.0, 0.0, 0.0)]], basis={el: bas[el]}, spin=z % 2, unit="Angstrom", verbose=0)
+        ls = OrbitalBasis.from_pyscf(mol, name=name).shells[el]
+        if tuple(basis.shells.get(el, ())) != tuple(ls):
+            raise InputError(f"--with-overlap: PySCF basis {name!r} gives {el} shells {list(ls)} but the checkpoint "
+                             f"has {list(basis.shells.get(el, ()))}; pass the matching --overlap-basis")
+    return name
+
+
 def overlap_for(atoms, basis, pyscf_basis: str | None = None) -> dict:
     """Exact S(R) of `atoms` from PySCF in the internal basis, checked to have the checkpoint's shells."""
     from .io.pyscf import overlap

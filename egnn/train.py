@@ -118,11 +118,6 @@ def fit_output_stats(model: HamiltonianModel, samples: list[Sample]) -> None:
     if model.reference is not None:  # the network learns the residual of the two-centre reference
         from .nn.reference import fit_reference
 
-        if model.reference.kinetic is not None and not bool(model.reference.kinetic.filled):
-            from .nn.kinetic import tabulate
-
-            tabulate(model.reference.kinetic, model.basis)
-
         fitted = fit_reference(model.reference, samples)
         if not fitted["structures"]:
             warn_once("reference-unfitted", "model.reference: no real-space (k-point) training structure to fit the "

@@ -5,8 +5,6 @@ egnn[pyscf]`); it is imported only when a function here runs.
 * `overlap(atoms, basis="gth-szv-molopt-sr", r_cut=None)` -> {shift: csr} in the internal basis:
   S[i, j](R) = <φ_i(r − x_i)|φ_j(r − x_j − R·cell)> for every atom pair within r_cut (default: the
   basis range, where the most diffuse primitives overlap to 1e-10).
-* `kinetic(atoms, basis, r_cut)` -> {shift: csr}: the kinetic-energy matrix T(R) in eV, the same way.
-* `check_overlap_basis(basis, elements)`: the PySCF name of an egnn basis, checked shell by shell.
 * `read_calculation(mf)` -> egnn.io.Structure with H = Fock (eV) and S of a molecular or Γ-point
   periodic PySCF calculation (periodic Γ matrices are image sums: gamma_only=True).
 * `save_npz(path, mf)` / `read_npz(path)`: the same through a file (keys: numbers, positions [Å],
@@ -22,7 +20,7 @@ import scipy.sparse as sp
 from ..errors import InputError
 from .cp2k import HARTREE_EV
 
-__all__ = ["overlap", "kinetic", "overlap_gamma", "pyscf_basis_name", "check_overlap_basis", "read_calculation", "read_npz", "save_npz", "make_cell"]
+__all__ = ["overlap", "overlap_gamma", "read_calculation", "read_npz", "save_npz", "make_cell"]
 
 _BOHR = 0.529177210903
 
@@ -50,40 +48,6 @@ def _load_basis(name: str, elements):
     return out
 
 
-def pyscf_basis_name(cp2k_name: str) -> str:
-    """'SZV-MOLOPT-SR-GTH' -> 'gth-szv-molopt-sr' (PySCF's name of the same MOLOPT set)."""
-    import re
-
-    name = re.sub(r"-q\d+$", "", cp2k_name.strip(), flags=re.I)
-    name = re.sub(r"-GTH$", "", name, flags=re.I)
-    return "gth-" + name.lower()
-
-
-def check_overlap_basis(basis, elements, pyscf_basis: str | None = None, purpose: str = "--with-overlap",
-                        fix: str = "give the matching PySCF basis name with --overlap-basis") -> str:
-    """The PySCF basis name for the integrals of `basis` (an egnn.basis.OrbitalBasis; `pyscf_basis`
-    overrides the name derived from its CP2K name), checked (cheaply, one atom per element) to give
-    its shells for every element; InputError, prefixed with `purpose`, when PySCF or the basis is
-    missing or does not match, ending with `fix`."""
-    from ase.data import atomic_numbers
-
-    from ..basis import OrbitalBasis
-
-    gto, _ = _pyscf()  # clear InputError when PySCF is missing
-    name = pyscf_basis or (pyscf_basis_name(basis.name.split("+")[0]) if basis.name else None)
-    if not name:
-        raise InputError(f"{purpose}: the basis has no name; {fix} (like gth-szv-molopt-sr)")
-    bas = _load_basis(name, sorted(set(elements)))
-    for el in sorted(set(elements)):
-        z = atomic_numbers[el]
-        mol = gto.M(atom=[[el, (0.0, 0.0, 0.0)]], basis={el: bas[el]}, spin=z % 2, unit="Angstrom", verbose=0)
-        ls = OrbitalBasis.from_pyscf(mol, name=name).shells[el]
-        if tuple(basis.shells.get(el, ())) != tuple(ls):
-            raise InputError(f"{purpose}: PySCF basis {name!r} gives {el} shells {list(ls)} but the model "
-                             f"has {list(basis.shells.get(el, ()))}; {fix}")
-    return name
-
-
 def make_cell(atoms, basis: str = "gth-szv-molopt-sr"):
     """A pyscf.pbc Cell (periodic) or Mole of an ase.Atoms, in Å, without pseudopotential."""
     gto, pgto = _pyscf()
@@ -107,15 +71,6 @@ def _basis_range(mol) -> float:
 
 def overlap(atoms, basis: str = "gth-szv-molopt-sr", r_cut: float | None = None) -> dict:
     """S(R) of `atoms` in the internal basis, one analytic integral call over all images in range."""
-    return _two_centre(atoms, basis, r_cut, "int1e_ovlp", 1.0)
-
-
-def kinetic(atoms, basis: str = "gth-szv-molopt-sr", r_cut: float | None = None) -> dict:
-    """T(R) of `atoms` (eV) in the internal basis, as `overlap` (the oracle of egnn.nn.kinetic)."""
-    return _two_centre(atoms, basis, r_cut, "int1e_kin", HARTREE_EV)
-
-
-def _two_centre(atoms, basis, r_cut, intor, scale) -> dict:
     from ..basis import OrbitalBasis
     from ..graph import check_structure
 
@@ -141,7 +96,7 @@ def _two_centre(atoms, basis, r_cut, intor, scale) -> dict:
     atom = [[s, p + R @ cell] for R in shifts for s, p in zip(syms, pos)]
     big = gto.M(atom=atom, basis=_load_basis(basis, set(syms)), unit="Angstrom", verbose=0)
     nsh = mol.nbas
-    S = big.intor(intor, shls_slice=(0, nsh, 0, big.nbas)) * scale
+    S = big.intor("int1e_ovlp", shls_slice=(0, nsh, 0, big.nbas))
     out = {}
     for k, R in enumerate(shifts):
         blk = S[:, k * n:(k + 1) * n]

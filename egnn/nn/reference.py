@@ -16,8 +16,7 @@ with f, g linear in K exponentials exp(-α_k (r − r0)) · envelope(r) (α log-
 monotone features extrapolate physically to shorter bonds, unlike Gaussian RBFs with no data
 there. The weights are the ridge least-squares solution on the training targets
 (`fit_reference`, called by the trainer's output statistics); the network then predicts only the
-residual. With `kinetic=True` (`model.reference: two_centre+kinetic`) the exact kinetic blocks of the
-basis (egnn.nn.kinetic) are part of the reference, and the fit and the network describe V = H − T. Equivariant by construction (the Y_LM are egnn.so3's, the embedding basis), local to the
+residual. Equivariant by construction (the Y_LM are egnn.so3's, the embedding basis), local to the
 destination atom (the distributed incoming-edge scheme needs nothing more), and per edge it holds
 only [(L+1)·C] coefficients.
 """
@@ -30,7 +29,6 @@ import torch
 from torch import nn
 
 from ..so3 import spherical_harmonics
-from .kinetic import KineticTable
 from .radial import cosine_envelope
 
 __all__ = ["TwoCentreReference", "fit_reference"]
@@ -43,11 +41,8 @@ class TwoCentreReference(nn.Module):
     """node_ref [N, (L+1)², Cn], edge_ref [E, (L+1)², Ce] from species and edge vectors."""
 
     def __init__(self, num_species: int, L_max: int, node_width: int, edge_width: int, r_cut: float,
-                 num_radial: int = 8, kinetic: bool = False):
+                 num_radial: int = 8):
         super().__init__()
-        # with `kinetic` the exact kinetic blocks (egnn.nn.kinetic) are part of the reference and the
-        # fitted terms describe V = H − T
-        self.kinetic = KineticTable(num_species, L_max, node_width, edge_width, r_cut) if kinetic else None
         self.num_species, self.L_max, self.r_cut, self.num_radial = num_species, L_max, float(r_cut), num_radial
         S, L1, K = num_species, L_max + 1, num_radial
         self.register_buffer("alpha", torch.tensor(np.geomspace(*ALPHA_RANGE, K)), persistent=False)
@@ -93,19 +88,12 @@ class TwoCentreReference(nn.Module):
         node.index_add_(0, dst - lo, self._expand(self.node_weight, pair, phi, Y))
         if with_bias:
             node[:, 0] += self.node_bias.index_select(0, species[lo:hi]).to(node.dtype)
-            if self.kinetic is not None:
-                node += self.kinetic.node(species[lo:hi]).to(node.dtype)
-        return node, self._edge_out(species, src, dst, edge_vec, pair, Y, phi)
+        return node, self._expand(self.edge_weight, pair, phi, Y)
 
     def edge(self, species, src, dst, edge_vec):
         """edge_ref [E] alone (any edges, e.g. the reverse edges of a prediction)."""
-        return self._edge_out(species, src, dst, edge_vec, *self._edge_features(species, src, dst, edge_vec))
-
-    def _edge_out(self, species, src, dst, edge_vec, pair, Y, phi):
-        out = self._expand(self.edge_weight, pair, phi, Y)
-        if self.kinetic is not None:
-            out = out + self.kinetic.edge(species, src, dst, edge_vec).to(out.dtype)
-        return out
+        pair, Y, phi = self._edge_features(species, src, dst, edge_vec)
+        return self._expand(self.edge_weight, pair, phi, Y)
 
     def _edge_features(self, species, src, dst, edge_vec):
         """(species pair [E], Y, φ) of the edges s -> d."""
@@ -146,8 +134,6 @@ def fit_reference(ref: TwoCentreReference, samples, ridge: float = 1e-5) -> dict
         Y, phi = ref.features(s.edge_vec.to(f64), pair)
         # edges: rows of (L, M) share the weights of L
         m, t = s.edge_mask.to(f64), s.edge_target.to(f64)
-        if ref.kinetic is not None:  # fit V = H − T
-            t = t - ref.kinetic.edge(species, src, dst, s.edge_vec.to(f64))
         yy = _per_L(m * Y.square().unsqueeze(-1), row_L, L1)  # [E, L1, Ce]
         yt = _per_L(m * t * Y.unsqueeze(-1), row_L, L1)
         for p in torch.unique(pair).tolist():
@@ -162,8 +148,6 @@ def fit_reference(ref: TwoCentreReference, samples, ridge: float = 1e-5) -> dict
             feat[:, :, b * K:(b + 1) * K].index_add_(0, dst[i], Y[i].unsqueeze(-1) * phi[i].unsqueeze(1))
         feat[:, 0, -1] = 1.0
         m, t = s.node_mask.to(f64), s.node_target.to(f64)
-        if ref.kinetic is not None:
-            t = t - ref.kinetic.node(species).to(f64)
         for a in range(S):
             i = species == a
             if not i.any():
