@@ -11,8 +11,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Build outputs and local state that a wheel build must not see (and must not race with).
-IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "out", "runs",
-                                ".pytest_cache", "results", ".gl", ".whl")
+_ANYWHERE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "out", "runs",
+                                   ".pytest_cache", "results", ".gl", ".whl")
+# top-level folders of generated data and local environments (gigabytes, written while tests run)
+_TOP = {"data", ".fairchem1"}
+
+
+def IGNORE(folder, names):
+    return _ANYWHERE(folder, names) | (_TOP & set(names) if Path(folder) == ROOT else set())
 
 
 def _run(cmd, cwd, env=None, timeout=300):
