@@ -101,8 +101,7 @@ PLANS: dict[str, list[Family]] = {
         _gete("gete_rs8_d15s", 0.15, range(48), 18, strain=0.03),
         _gete("gete_rs16_d18s", 0.18, range(16), 19, supercell=(2, 1, 1), kpoints=(1, 2, 2), strain=0.03),
         # the full-data model had ghost levels on 5 of the 8 held-out cells (README "GeTe"): cells
-        # nearer the held-out σ, still below it: 24 of them took the ghosts from 5 to 4, 72 to 1;
-        # seeds 72-119 measure whether 120 remove the last one
+        # nearer the held-out σ, still below it: 24 of them took the ghosts from 5 to 4, 72 to 1, 120 to 0
         _gete("gete_rs8_d23s", 0.23, range(120), 22, strain=0.03),
         _gete("gete_rs8_val", 0.25, range(8), 15, strain=0.03, role="val"),
         # train small, predict large: 64 atoms at Γ with the displacements of most training cells
