@@ -622,7 +622,10 @@ class Trainer:
         if self.scaler and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.best = ck["epoch"], ck["best"]
-        old = ck.get("best_loss") or {k: (ck.get("train_config") or {}).get(k, TRAIN_DEFAULTS[k]) for k in LOSS_KEYS}
+        # compared key by key over today's LOSS_KEYS: keys added since take their defaults, keys of
+        # removed options (e.g. eig_fragile) are ignored
+        saved = ck.get("best_loss") or ck.get("train_config") or {}
+        old = {k: saved.get(k, TRAIN_DEFAULTS[k]) for k in LOSS_KEYS}
         if old != self._loss_definition():
             # a best value measured with another loss would keep best.pt from ever being written again
             self.log(f"resume: the loss differs from the one the checkpoint's best was measured with ({old} -> "

@@ -235,3 +235,22 @@ def test_init_refuses_another_model(tmp_path, cache, capsys):
     assert main(["train", str(tmp_path / "b.yaml"), "--init", str(tmp_path / "a" / "best.pt")]) != 0
     assert "the checkpoint's model differs from the config's (channels: checkpoint 8, config 16)" in capsys.readouterr().err
     assert not (tmp_path / "b" / "best.pt").exists()
+
+
+def test_resume_ignores_loss_keys_of_removed_options(tmp_path, cache, capsys):
+    """A checkpoint whose best_loss names an option removed since (train.eig_fragile: 0, as written
+    while it existed) still resumes with its best value: the loss is the same."""
+    from egnn import checkpoint
+
+    cfg = write_config(tmp_path / "a.yaml", cache, tmp_path / "a", epochs=1)
+    assert main(["train", cfg, "--json"]) == 0
+    last = str(tmp_path / "a" / "last.pt")
+    ck = checkpoint.load(last)
+    best = ck["best"]
+    ck["best_loss"] = {**ck["best_loss"], "eig_fragile": 0.0}
+    checkpoint.save(last, ck)
+    capsys.readouterr()
+    assert main(["train", cfg, "--json", "--epochs", "2", "--resume", last]) == 0
+    out = capsys.readouterr()
+    assert "the loss differs" not in out.out + out.err
+    assert checkpoint.load(str(tmp_path / "a" / "last.pt"))["best"] <= best
