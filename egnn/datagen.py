@@ -15,7 +15,8 @@ shipped ones (`<name>/<name>.inp`, `.out`, gzipped `.csr`), readable by `egnn.io
 plus `<name>.xyz` (the structure) and, at the top, `timings.csv` and `plan.json`.
 
 The runner is resumable: a folder whose `.out` says the program ended and whose matrices exist is
-skipped; an interrupted run is started again from scratch.
+skipped; an interrupted run is started again from scratch. It runs `jobs` structures at a time
+(`egnn data generate --jobs N`), each on `np` MPI ranks.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +37,7 @@ from .errors import ConfigError, EgnnError, InputError
 from .io.cp2k import GTH_VALENCE
 
 __all__ = ["Family", "PLANS", "prototype", "make_structure", "cp2k_input", "cp2k_command", "run_family",
-           "is_complete", "select", "write_plan"]
+           "run_families", "is_complete", "select", "write_plan"]
 
 # CP2K settings shared by every generated run (the shipped data's, see the module docstring)
 CUTOFF, REL_CUTOFF = 300, 40
@@ -238,47 +241,71 @@ def cp2k_command(np_ranks: int) -> list[str]:
 
 def run_family(fam: Family, out: str, np_ranks: int = 2, dry_run: bool = False, log=print) -> list[dict]:
     """Write (and unless dry_run, run) every structure of a family under out/<run name>/."""
-    os.makedirs(out, exist_ok=True)
-    timings = os.path.join(out, "timings.csv")
-    rows = []
-    for seed in fam.seeds:
-        name = fam.run_name(seed)
-        run_dir = os.path.join(out, name)
-        if is_complete(run_dir, name):
-            rows.append({"structure": name, "status": "done earlier"})
-            continue
-        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again from scratch
-        os.makedirs(run_dir)
-        atoms = make_structure(fam, seed)
-        import ase.io
+    return run_families([(fam, out)], np_ranks=np_ranks, dry_run=dry_run, log=log)
 
-        ase.io.write(os.path.join(run_dir, f"{name}.xyz"), atoms, format="extxyz")
-        with open(os.path.join(run_dir, f"{name}.inp"), "w") as f:
-            f.write(cp2k_input(atoms, name, fam.basis, fam.kpoints))
-        if dry_run:
-            rows.append({"structure": name, "status": "input written"})
-            continue
-        t0 = time.time()
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        with open(os.path.join(run_dir, "cp2k.log"), "wb") as logf:
-            proc = subprocess.run(cp2k_command(np_ranks) + ["-i", f"{name}.inp", "-o", f"{name}.out"],
-                                  cwd=run_dir, env=env, stdout=logf, stderr=subprocess.STDOUT)
-        secs = time.time() - t0
-        if proc.returncode != 0 or not is_complete(run_dir, name):
-            raise EgnnError(f"{run_dir}: CP2K failed (exit {proc.returncode}); see {name}.out and cp2k.log there")
-        converged, steps = _scf_steps(os.path.join(run_dir, f"{name}.out"))
-        _pack(run_dir)
-        os.remove(os.path.join(run_dir, "cp2k.log"))
+
+def run_families(work: list[tuple[Family, str]], np_ranks: int = 2, jobs: int = 1, dry_run: bool = False,
+                 log=print) -> list[dict]:
+    """Every structure of each (family, folder) pair, `jobs` CP2K runs at a time.
+
+    Independent runs need no communication, so for the small cells of the plans on a many-core node
+    `jobs` = cores at `np_ranks` = 1 is the natural choice (`jobs` × `np_ranks` ≈ cores). Rows come
+    back in plan order. When a run fails, runs not yet started are cancelled, those under way finish
+    (and stay, complete), and the failure is raised; the next call resumes."""
+    if jobs < 1 or np_ranks < 1:
+        raise ConfigError(f"data generate: need --jobs >= 1 and --np >= 1, got {jobs} and {np_ranks}")
+    lock = threading.Lock()  # timings.csv and the log are shared by the worker threads
+    tasks = [(fam, out, seed) for fam, out in work for seed in fam.seeds]
+    for _, out in work:
+        os.makedirs(out, exist_ok=True)
+    if jobs == 1:
+        return [_run_one(*t, np_ranks, dry_run, log, lock) for t in tasks]
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(_run_one, *t, np_ranks, dry_run, log, lock) for t in tasks]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _run_one(fam: Family, out: str, seed: int, np_ranks: int, dry_run: bool, log, lock) -> dict:
+    name = fam.run_name(seed)
+    run_dir = os.path.join(out, name)
+    if is_complete(run_dir, name):
+        return {"structure": name, "status": "done earlier"}
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again from scratch
+    os.makedirs(run_dir)
+    atoms = make_structure(fam, seed)
+    import ase.io
+
+    ase.io.write(os.path.join(run_dir, f"{name}.xyz"), atoms, format="extxyz")
+    with open(os.path.join(run_dir, f"{name}.inp"), "w") as f:
+        f.write(cp2k_input(atoms, name, fam.basis, fam.kpoints))
+    if dry_run:
+        return {"structure": name, "status": "input written"}
+    t0 = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(os.path.join(run_dir, "cp2k.log"), "wb") as logf:
+        proc = subprocess.run(cp2k_command(np_ranks) + ["-i", f"{name}.inp", "-o", f"{name}.out"],
+                              cwd=run_dir, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    secs = time.time() - t0
+    if proc.returncode != 0 or not is_complete(run_dir, name):
+        raise EgnnError(f"{run_dir}: CP2K failed (exit {proc.returncode}); see {name}.out and cp2k.log there")
+    converged, steps = _scf_steps(os.path.join(run_dir, f"{name}.out"))
+    _pack(run_dir)
+    os.remove(os.path.join(run_dir, "cp2k.log"))
+    timings = os.path.join(out, "timings.csv")
+    with lock:
         new = not os.path.exists(timings)
         with open(timings, "a") as f:
             if new:
                 f.write("structure,seconds,scf_converged,scf_steps\n")
             f.write(f"{name},{secs:.2f},{int(converged)},{steps}\n")
-        row = {"structure": name, "status": "ran", "seconds": round(secs, 1), "scf_converged": converged,
-               "scf_steps": steps}
-        rows.append(row)
         log(f"{name}: {secs:.1f} s, SCF {'converged' if converged else 'NOT converged'} in {steps} steps")
-    return rows
+    return {"structure": name, "status": "ran", "seconds": round(secs, 1), "scf_converged": converged,
+            "scf_steps": steps}
 
 
 def select(plan_names, families=None) -> list[Family]:

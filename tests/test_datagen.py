@@ -141,3 +141,75 @@ def test_full_configs_never_see_the_held_out_families(plan, config):
     assert generated and set(generated) <= val
     with pytest.raises(EgnnError, match="no accuracy splits"):
         A.material(["Si"])
+
+
+FAKE_CP2K = """#!{python}
+# a stand-in for cp2k.psmp: writes what a finished run leaves (the closing line, KS and S files) and
+# records how many runs were under way when it started; FAIL names a project that exits 1
+import os, sys, time
+name = sys.argv[sys.argv.index("-i") + 1][:-4]
+live = os.environ["FAKE_LIVE"]
+mark = os.path.join(live, name)
+open(mark, "w").close()
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(f"{{name}} {{len(os.listdir(live))}}\\n")
+time.sleep(0.5)
+os.remove(mark)
+if name == os.environ.get("FAIL"):
+    sys.exit(1)
+with open(name + ".out", "w") as f:
+    f.write("  *** SCF run converged in     7 steps ***\\n  **** PROGRAM ENDED AT  2026-12-04\\n")
+for m in ("KS", "S"):
+    open(f"{{name}}-{{m}}_SPIN_1_R_1-1_0.csr", "w").write("1 1 1.0\\n")
+"""
+
+
+@pytest.fixture
+def fake_cp2k(tmp_path, monkeypatch):
+    import sys
+
+    bin_dir, live = tmp_path / "bin", tmp_path / "live"
+    bin_dir.mkdir()
+    live.mkdir()
+    exe = bin_dir / "cp2k.psmp"
+    exe.write_text(FAKE_CP2K.format(python=sys.executable))
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LIVE", str(live))
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "starts.log"))
+    return tmp_path / "starts.log"
+
+
+def test_jobs_run_structures_side_by_side_and_resume(tmp_path, fake_cp2k):
+    out = tmp_path / "gen"
+    assert main(["data", "generate", "gete", "-o", str(out), "--family", "gete_rs8_val", "--family",
+                 "gete_rs64_val", "--np", "1", "--jobs", "3"]) == 0
+    fams = datagen.select(["gete"], ["gete_rs8_val", "gete_rs64_val"])
+    names = [f.run_name(s) for f in fams for s in f.seeds]
+    starts = dict(line.split() for line in fake_cp2k.read_text().splitlines())
+    assert sorted(starts) == sorted(names)  # every structure ran once, across both families
+    assert max(int(n) for n in starts.values()) == 3  # three at a time, never more
+    for f in fams:
+        rows = (out / f.name / "timings.csv").read_text().splitlines()
+        assert rows[0].startswith("structure,") and sorted(r.split(",")[0] for r in rows[1:]) == \
+            [f.run_name(s) for s in f.seeds]
+        for s in f.seeds:
+            run = out / f.name / f.run_name(s)
+            assert datagen.is_complete(str(run), f.run_name(s)) and (run / f"{f.run_name(s)}.xyz").is_file()
+    rows = datagen.run_families([(f, str(out / f.name)) for f in fams], np_ranks=1, jobs=2, log=lambda *_: None)
+    assert [r["structure"] for r in rows] == names and {r["status"] for r in rows} == {"done earlier"}
+
+
+def test_a_failed_run_stops_the_rest_and_names_its_folder(tmp_path, fake_cp2k, monkeypatch):
+    fam = datagen.select(["gete"], ["gete_rs8_val"])[0]
+    monkeypatch.setenv("FAIL", fam.run_name(fam.seeds[1]))
+    out = tmp_path / "gen"
+    with pytest.raises(EgnnError, match=f"{fam.run_name(fam.seeds[1])}: CP2K failed"):
+        datagen.run_families([(fam, str(out))], np_ranks=1, jobs=2, log=lambda *_: None)
+    started = fake_cp2k.read_text().split()[::2]
+    failed = fam.run_name(fam.seeds[1])
+    assert failed in started and len(started) < len(fam.seeds)  # runs not yet started were cancelled
+    assert all(datagen.is_complete(str(out / n), n) for n in started if n != failed)  # those under way finished
+    assert not datagen.is_complete(str(out / failed), failed)
+    with pytest.raises(ConfigError, match="--jobs"):
+        datagen.run_families([(fam, str(out))], jobs=0)

@@ -26,6 +26,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--family", action="append", default=None,
                    help="only this family (repeatable), e.g. hfo2_m12_val")
     g.add_argument("--np", type=int, default=2, help="MPI ranks per CP2K run (default 2)")
+    g.add_argument("--jobs", type=int, default=1, help="CP2K runs at a time (default 1); independent runs need "
+                   "no communication: on a node with N cores, --jobs N --np 1")
     g.add_argument("--dry-run", action="store_true", help="write structures and inputs, run nothing")
     g.add_argument("--list", action="store_true", help="list the families of the plans and exit")
 
@@ -55,7 +57,8 @@ def _generate(args) -> int:
     datagen.write_plan(args.output, fams)
     for f in fams:
         print(f"{f.name}: {len(f.seeds)} structures -> {os.path.join(args.output, f.name)}")
-        datagen.run_family(f, os.path.join(args.output, f.name), np_ranks=args.np, dry_run=args.dry_run)
+    datagen.run_families([(f, os.path.join(args.output, f.name)) for f in fams], np_ranks=args.np,
+                         jobs=args.jobs, dry_run=args.dry_run)
     return 0
 
 
