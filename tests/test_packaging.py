@@ -49,8 +49,8 @@ def test_wheel_has_subpackages_and_no_top_level_kernels_or_comm(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "egnn/kernels/__init__.py" in names and "egnn/comm/__init__.py" in names
     assert "egnn/ops.py" in names and "egnn/_ext.py" in names
-    # package data: the demo's CP2K runs and the pretrained checkpoint (`pretrained:hfo2_szv`)
-    assert "egnn/pretrained/hfo2_szv.pt" in names
+    # package data: the demo's CP2K runs and the pretrained checkpoints (`pretrained:hfo2_szv`, `pretrained:gete_dzvp`)
+    assert "egnn/pretrained/hfo2_szv.pt" in names and "egnn/pretrained/gete_dzvp.pt" in names
     assert any(n.startswith("egnn/demo_data/hfo2_kp/") for n in names)
     tops = {n.split("/")[0] for n in names}
     assert not tops & {"kernels", "comm", "csrc", "tests", "profiling"}, sorted(tops)

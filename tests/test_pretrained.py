@@ -1,6 +1,6 @@
-"""The pretrained HfO2 SZV checkpoint shipped in egnn/pretrained (`pretrained:hfo2_szv`): it loads as
-weights only, carries its model card, and predicts a real CP2K run it was trained on to the accuracy
-its card states; `egnn.checkpoint.export` writes such files."""
+"""The pretrained checkpoints shipped in egnn/pretrained (`pretrained:hfo2_szv`, `pretrained:gete_dzvp`):
+each loads as weights only, carries its model card, and predicts a real CP2K run it was trained on to
+the accuracy its card states; `egnn.checkpoint.export` writes such files."""
 import os
 
 import pytest
@@ -10,30 +10,40 @@ from egnn import checkpoint
 from egnn.errors import InputError
 from egnn.train import model_from_checkpoint
 
-DEMO = os.path.join(os.path.dirname(__file__), "..", "egnn", "demo_data", "hfo2_kp", "hfo2_m12_rattled_s0000")
+HERE = os.path.dirname(__file__)
+# name -> (elements, a real CP2K run in its training data (shared hfo2_kp s0000 / gete_kp s0003), the
+# bounds of overall and node MAE in meV there: its training figures with margin)
+SHIPPED = {
+    "hfo2_szv": (["Hf", "O"], os.path.join(HERE, "..", "egnn", "demo_data", "hfo2_kp", "hfo2_m12_rattled_s0000"),
+                 4.0, 25.0),
+    "gete_dzvp": (["Ge", "Te"], os.path.join(HERE, "fixtures", "cp2k", "gete_rs8_rattled_s0003"), 0.6, 1.5),
+}
 
 
-def test_shipped_checkpoint_loads_as_weights_only_with_its_card():
-    path = checkpoint.resolve("pretrained:hfo2_szv")
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_checkpoint_loads_as_weights_only_with_its_card(name):
+    path = checkpoint.resolve(f"pretrained:{name}")
     assert os.path.getsize(path) < 8 * 2**20  # a few MB: float32 weights only, no optimizer state
     ck = torch.load(path, map_location="cpu", weights_only=True)
     assert set(ck) == {"format", "model_config", "model", "epoch", "card"}
     card = ck["card"]
     for key in ("trained_on", "held_out", "limits", "elements", "basis", "r_cut"):
         assert key in card, key
-    assert card["elements"] == ["Hf", "O"] and ck["model_config"]["r_cut"] == card["r_cut"]
+    assert card["elements"] == SHIPPED[name][0] and ck["model_config"]["r_cut"] == card["r_cut"]
+    assert sorted(os.path.basename(p)[:-3] for p in os.listdir(os.path.dirname(path))) == sorted(SHIPPED)
     with pytest.raises(InputError, match="no shipped checkpoint"):
         checkpoint.resolve("pretrained:nope")
 
 
-def test_shipped_checkpoint_predicts_a_real_run(tmp_path):
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_checkpoint_predicts_a_real_run(name, tmp_path):
     from egnn.evaluate import evaluate
     from egnn.train import open_datasets
 
-    model = model_from_checkpoint("pretrained:hfo2_szv")
-    r = evaluate(model, open_datasets([DEMO], float(model.config.r_cut), str(tmp_path / "cache")))
-    # the run is in its training data (shared hfo2_kp s0000): the card's training figures, with margin
-    assert r["mae_meV"] < 4.0 and r["mae_node_meV"] < 25.0
+    _, run, mae, node = SHIPPED[name]
+    model = model_from_checkpoint(f"pretrained:{name}")
+    r = evaluate(model, open_datasets([run], float(model.config.r_cut), str(tmp_path / "cache")))
+    assert r["mae_meV"] < mae and r["mae_node_meV"] < node
 
 
 def test_export_keeps_the_model_and_drops_the_training_state(tmp_path):
