@@ -258,15 +258,12 @@ def run_families(work: list[tuple[Family, str]], np_ranks: int = 2, jobs: int = 
     tasks = [(fam, out, seed) for fam, out in work for seed in fam.seeds]
     for _, out in work:
         os.makedirs(out, exist_ok=True)
-    if jobs == 1:
-        return [_run_one(*t, np_ranks, dry_run, log, lock) for t in tasks]
-    with ThreadPoolExecutor(jobs) as pool:
+    with ThreadPoolExecutor(jobs) as pool:  # jobs = 1 too: one code path, runs in plan order
         futures = [pool.submit(_run_one, *t, np_ranks, dry_run, log, lock) for t in tasks]
         try:
             return [f.result() for f in futures]
         except BaseException:
-            for f in futures:
-                f.cancel()
+            pool.shutdown(cancel_futures=True)  # runs under way finish; the rest never start
             raise
 
 

@@ -1,6 +1,7 @@
 """egnn.datagen: deterministic structure families and CP2K inputs like the shipped runs (no CP2K needed)."""
 import glob
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -166,8 +167,6 @@ for m in ("KS", "S"):
 
 @pytest.fixture
 def fake_cp2k(tmp_path, monkeypatch):
-    import sys
-
     bin_dir, live = tmp_path / "bin", tmp_path / "live"
     bin_dir.mkdir()
     live.mkdir()
