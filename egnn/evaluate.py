@@ -232,21 +232,23 @@ def _eig_by_distance(V, err_groups, n, offs, trunc=None) -> list:
 
 def _band_figures(st, HR_pred, n_occ, c, arrays, keep) -> dict:
     """Bands of predicted H(R) and DFT H(R) (both with the DFT S(R)) along ase's standard path and at
-    the run's Monkhorst-Pack points; errors as in egnn.bands.compare (raw and shift-removed)."""
+    the run's own k-points (its Monkhorst-Pack mesh or its listed KPOINTs; Γ for a Γ-only run); errors
+    as in egnn.bands.compare (raw and shift-removed)."""
     from . import bands as BD
     from .io.cp2k import symmetrize
 
     HR_pred = symmetrize(HR_pred)  # the [d, s](R) and [s, d](−R) predictions agree only up to the error
     kp, x, xs, labels = BD.kpath(st.atoms, BAND_PATH_POINTS)
-    mesh = st.meta.get("kpoint_mesh")
-    mp = BD.monkhorst_pack(mesh) if mesh else np.zeros((1, 3))
+    mesh, listed = st.meta.get("kpoint_mesh"), st.meta.get("kpoint_list")
+    mp = BD.monkhorst_pack(mesh) if mesh else np.array(listed) if listed else np.zeros((1, 3))
     kpts = np.concatenate([kp, mp])
     e_dft, e_pred = BD.bands(st.H, st.S, kpts), BD.bands(HR_pred, st.S, kpts)
     out = BD.compare(e_pred, e_dft, n_occ)
     out.update({k.replace("band_", "band_shifted_"): v for k, v in BD.compare(e_pred, e_dft, n_occ, shift=c).items()
                 if k in ("band_mae_meV", "band_occ_mae_meV", "band_empty_mae_meV")})
     mp_only = BD.compare(e_pred[len(kp):], e_dft[len(kp):], n_occ)
-    out.update(band_mp_mae_meV=mp_only["band_mae_meV"], band_mp_mesh=list(mesh) if mesh else [1, 1, 1],
+    out.update(band_mp_mae_meV=mp_only["band_mae_meV"], band_mp_mesh=list(mesh) if mesh else None,
+               band_mp_points=len(mp),
                band_path="".join(labels), band_kpoints=len(kpts))
     hi = min(e_dft.shape[1], n_occ + BD.N_EMPTY)
     arrays["band_d"] = (e_pred[:, :hi] - e_dft[:, :hi]).ravel()

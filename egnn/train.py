@@ -797,6 +797,20 @@ def load_samples(datasets, basis, dtype=torch.float32, eig_empty: int | None = N
     return out
 
 
+def warn_mixed_sampling(samples: list[Sample]) -> None:
+    """Warn when training data mixes Γ-only runs with k-point runs. H depends on the k-points the
+    density was computed with: a 12-atom HfO2 cell's onsite levels lie ~0.2 eV apart at Γ and at
+    2×2×2 (README "Accuracy", k-point sampling), so the two are different targets for one geometry,
+    unless the Γ-only cells are large enough to be converged at Γ."""
+    gamma = [s.name for s in samples if s.fold is not None]
+    if gamma and len(gamma) < len(samples):
+        warn_once("mixed-sampling", f"egnn: data.train mixes {len(gamma)} Γ-only run(s) ({', '.join(gamma[:3])}"
+                  f"{', ...' if len(gamma) > 3 else ''}) with {len(samples) - len(gamma)} k-point run(s). Their H "
+                  "comes from different Brillouin-zone samplings, so the same geometry has different targets "
+                  "(a 12-atom HfO2 cell's onsite levels move by ~0.2 eV between Γ and 2x2x2). Train on one "
+                  "sampling, or keep only Γ-only cells large enough to be converged at Γ")
+
+
 TRAIN_OUTPUTS = ("best.pt", "last.pt", "best.pt.tmp", "last.pt.tmp", "metrics.jsonl", "config.json", "timing.json")
 
 
@@ -855,6 +869,7 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     mcfg = ModelConfig.from_dict({**cfg.model, "basis": basis, "r_cut": cfg.r_cut})
     eig = int(cfg.train["eig_empty"]) if float(cfg.train["eig_weight"]) > 0 else None
     train, val = load_samples(train_ds, basis, eig_empty=eig), load_samples(val_ds, basis, eig_empty=eig)
+    warn_mixed_sampling(train)
     if resume:
         _check_resume(resume, mcfg, cfg, resume_ck)
     model = HamiltonianModel(mcfg)

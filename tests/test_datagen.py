@@ -43,9 +43,57 @@ def test_inputs_have_the_shipped_settings(tmp_path):
 
 
 def test_gamma_inputs_write_text_matrices():
-    fam = datagen.select(["hfo2"], ["hfo2_m96_d12"])[0]
-    text = datagen.cp2k_input(datagen.prototype("hfo2_m12"), "x", fam.basis, fam.kpoints)
+    text = datagen.cp2k_input(datagen.prototype("hfo2_m12"), "x", "SZV", None)
     assert "&KPOINTS" not in text and "BINARY F" in text and "REAL_SPACE F" in text and "THRESHOLD 0" in text
+
+
+def _mesh(m):
+    """Monkhorst-Pack points along one axis, as exact fractions in [0, 1)."""
+    from fractions import Fraction
+
+    return {Fraction(2 * i - m - 1, 2 * m) % 1 for i in range(1, m + 1)}
+
+
+@pytest.mark.parametrize("mesh,supercell", [((2, 2, 2), (2, 2, 2)), ((2, 2, 2), (1, 1, 2)), ((2, 2, 2), (2, 1, 1)),
+                                            ((4, 4, 4), (2, 1, 1)), ((3, 6, 4), (3, 2, 4)), ((5, 1, 2), (1, 1, 1))])
+def test_folded_kpoints_sample_the_prototype_mesh(mesh, supercell):
+    """Unfolding: the supercell at K samples the prototype's k = (K + j) / n, j = 0..n-1, per axis.
+    Those points must be exactly the prototype's Monkhorst-Pack mesh, each once."""
+    from fractions import Fraction
+
+    pts = datagen.folded_kpoints(mesh, supercell)
+    assert len(pts) == len(set(pts)) == np.prod(mesh) // np.prod(supercell)
+    for ax, (m, n) in enumerate(zip(mesh, supercell)):
+        ks = {Fraction(p[ax]).limit_denominator(1000) for p in pts}
+        assert all(-Fraction(1, 2) < k <= Fraction(1, 2) for k in ks)
+        unfolded = [(k + j) / n % 1 for k in ks for j in range(n)]
+        assert sorted(unfolded) == sorted(_mesh(m))
+
+
+def test_folded_kpoints_need_a_divisible_mesh():
+    with pytest.raises(ConfigError, match="not a multiple of supercell"):
+        datagen.folded_kpoints((2, 2, 2), (3, 1, 1))
+
+
+def test_supercells_run_on_the_folded_points(tmp_path):
+    """Every family of the plans samples its prototype's mesh: cells of the prototype size keep CP2K's
+    MONKHORST-PACK mesh (inputs as before), supercells list the folded points (SCHEME GENERAL), which
+    egnn's reader gives back for the band figures."""
+    sizes = set()
+    for fam in datagen.select(["hfo2", "gete"]):
+        atoms = datagen.make_structure(fam, fam.seeds[0])
+        text = datagen.cp2k_input(atoms, "x", fam.basis, fam.kpoints, fam.supercell)
+        assert fam.kpoints is not None, f"{fam.name}: Γ only is a different sampling from the other families"
+        path = tmp_path / f"{fam.name}.inp"
+        path.write_text(text)
+        parsed = parse_inp(str(path))
+        if fam.supercell == (1, 1, 1):
+            assert parsed.kpoint_mesh == fam.kpoints and parsed.kpoint_list is None
+        else:
+            assert "SCHEME GENERAL" in text and parsed.kpoint_mesh is None
+            np.testing.assert_array_equal(parsed.kpoint_list, datagen.folded_kpoints(fam.kpoints, fam.supercell))
+            sizes.add(len(parsed.kpoint_list))
+    assert sizes == {1, 4}  # 2x2x2 onto (2,2,2): (1/2,1/2,1/2); onto (1,1,2) or (2,1,1): four points
 
 
 @pytest.mark.parametrize("name", ["hfo2_m12_strain", "hfo2_m24_val", "gete_rs8_d20"])
@@ -101,6 +149,14 @@ def test_cli_dry_run_and_resume(tmp_path, capsys):
                               dry_run=True, log=lambda *_: None)
     assert rows[0]["status"] == "done earlier" and rows[1]["status"] == "input written"
     assert "gete_rs8_val" in (out / "plan.json").read_text()
+    # a run an older plan made (another input) is not complete for this one: it is made again
+    inp = run / f"{runs[0]}.inp"
+    inp.write_text(inp.read_text().replace("MONKHORST-PACK 2 2 2", "MONKHORST-PACK 2 2 1"))
+    assert datagen.is_complete(str(run), runs[0]) and not datagen.is_complete(str(run), runs[0], inp.read_text()[1:])
+    rows = datagen.run_family(datagen.select(["gete"], ["gete_rs8_val"])[0], str(out / "gete_rs8_val"),
+                              dry_run=True, log=lambda *_: None)
+    assert rows[0]["status"] == "input written" and "MONKHORST-PACK 2 2 2" in inp.read_text()
+    assert not (run / f"{runs[0]}.out").exists()
 
 
 def test_unknown_plan_or_family():

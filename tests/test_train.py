@@ -254,3 +254,24 @@ def test_resume_ignores_loss_keys_of_removed_options(tmp_path, cache, capsys):
     out = capsys.readouterr()
     assert "the loss differs" not in out.out + out.err
     assert checkpoint.load(str(tmp_path / "a" / "last.pt"))["best"] <= best
+
+
+def test_training_on_gamma_and_kpoint_runs_together_warns(caplog):
+    """Γ-only and k-point runs are different targets for one geometry (README "Accuracy", k-point
+    sampling): mixing them warns once, naming the Γ-only runs; one sampling alone does not."""
+    from types import SimpleNamespace
+
+    from egnn import errors
+    from egnn.train import warn_mixed_sampling
+
+    kp = [SimpleNamespace(name=f"kp{i}", fold=None) for i in range(3)]
+    gamma = [SimpleNamespace(name=f"g{i}", fold=torch.zeros(1)) for i in range(5)]
+    errors._said.clear()
+    with caplog.at_level("WARNING", logger="egnn"):
+        warn_mixed_sampling(kp)
+        warn_mixed_sampling(gamma)
+        assert not caplog.records
+        warn_mixed_sampling(kp + gamma)
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "5 Γ-only run(s) (g0, g1, g2, ...)" in msg and "3 k-point run(s)" in msg

@@ -197,6 +197,7 @@ class Cp2kInput:
     real_space: bool = False
     kpoints: bool = False
     kpoint_mesh: tuple | None = None  # (n1, n2, n3) of SCHEME MONKHORST-PACK
+    kpoint_list: np.ndarray | None = None  # [nk, 3] fractional KPOINT lines of SCHEME GENERAL (weights dropped)
 
     @property
     def symbols(self) -> list[str]:
@@ -215,8 +216,8 @@ _BOHR = 0.529177210903
 def parse_inp(path: str) -> Cp2kInput:
     """The parts of a CP2K input egnn needs (no @include/@SET): PROJECT, &CELL (A/B/C or
     ABC + ALPHA_BETA_GAMMA, PERIODIC), &COORD (SCALED, UNIT), &KIND (BASIS_SET, ELEMENT), the
-    UPPER_TRIANGULAR/BINARY/REAL_SPACE keys of &KS_CSR_WRITE / &S_CSR_WRITE, &KPOINTS (and its
-    Monkhorst-Pack mesh)."""
+    UPPER_TRIANGULAR/BINARY/REAL_SPACE keys of &KS_CSR_WRITE / &S_CSR_WRITE, &KPOINTS (its
+    Monkhorst-Pack mesh, or the KPOINT lines of SCHEME GENERAL)."""
     global _ELEMENTS
     if _ELEMENTS is None:
         from ase.data import chemical_symbols
@@ -227,7 +228,7 @@ def parse_inp(path: str) -> Cp2kInput:
     labels, pos, kinds, kind = [], [], {}, None
     scaled, coord_unit = False, 1.0
     flags = {"UPPER_TRIANGULAR": False, "BINARY": False, "REAL_SPACE": False}
-    kpoints, mesh = False, None
+    kpoints, mesh, klist = False, None, []
     for ln_no, line in enumerate(text.splitlines(), 1):
         t = line.split("!")[0].split("#")[0].split()
         if not t:
@@ -286,6 +287,10 @@ def parse_inp(path: str) -> Cp2kInput:
                 kinds[kind]["element"] = t[1].capitalize()
             elif cur == "KPOINTS" and key == "SCHEME" and len(t) >= 5 and t[1].upper() == "MONKHORST-PACK":
                 mesh = tuple(int(x) for x in t[2:5])
+            elif cur == "KPOINTS" and key == "KPOINT":
+                klist.append([float(x) for x in t[1:4]])
+                if len(klist[-1]) != 3:
+                    raise ValueError
             elif cur in ("KS_CSR_WRITE", "S_CSR_WRITE") and key in flags:
                 flags[key] = flags[key] or _truthy(t[1] if len(t) > 1 else "T")
         except (ValueError, IndexError):
@@ -313,7 +318,8 @@ def parse_inp(path: str) -> Cp2kInput:
         if k["basis"] is None and lab in labels:
             raise InputError(f"{path}: &KIND {lab} has no BASIS_SET; add one")
     return Cp2kInput(path, project, cellm, pbc, labels, positions, kinds,
-                     flags["UPPER_TRIANGULAR"], flags["BINARY"], flags["REAL_SPACE"], kpoints, mesh)
+                     flags["UPPER_TRIANGULAR"], flags["BINARY"], flags["REAL_SPACE"], kpoints, mesh,
+                     np.array(klist) if klist else None)
 
 
 @dataclass
@@ -624,7 +630,8 @@ def read_run(run_dir: str, basis_file=None, matrices=("H", "S"), symmetrise: boo
                          "write both with the same REAL_SPACE setting")
     return Structure(atoms=atoms, basis=basis, H=result.get("H"), S=result.get("S"),
                      gamma_only=bool(gamma_flags and gamma_flags[0]), source=os.path.abspath(run_dir),
-                     meta={"code": "cp2k", "project": P, "basis_sets": kinds, "kpoint_mesh": inp.kpoint_mesh})
+                     meta={"code": "cp2k", "project": P, "basis_sets": kinds, "kpoint_mesh": inp.kpoint_mesh,
+                           "kpoint_list": None if inp.kpoint_list is None else inp.kpoint_list.tolist()})
 
 
 # ----------------------------------------------------------------------------- writer
