@@ -50,8 +50,12 @@ def _generate(args) -> int:
     if args.list:
         for f in fams:
             n = len(datagen.prototype(f.proto)) * f.supercell[0] * f.supercell[1] * f.supercell[2]
+            k = "Gamma" if f.kpoints is None else "x".join(map(str, f.kpoints))
+            if f.kpoints is not None and f.supercell != (1, 1, 1):
+                nk = len(datagen.folded_kpoints(f.kpoints, f.supercell))
+                k += f" of the prototype: {nk} folded point{'s' if nk > 1 else ''}"
             print(f"{f.name:18s} {f.role:5s} {n:4d} atoms {f.basis:4s} sigma {f.sigma:.2f} A  strain {f.strain:.2f}  "
-                  f"k {'x'.join(map(str, f.kpoints)) if f.kpoints else 'Gamma'}  seeds {len(f.seeds)}")
+                  f"k {k}  seeds {len(f.seeds)}")
         return 0
     os.makedirs(args.output, exist_ok=True)
     datagen.write_plan(args.output, fams)
