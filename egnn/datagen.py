@@ -2,7 +2,9 @@
 
 A *plan* is a list of `Family`s; a family is one prototype cell (optionally a supercell) with a
 displacement σ, an optional random strain, a list of seeds, a k-point mesh and a role ("train" or
-"val": validation families are never trained on).
+"val": validation families are never trained on). Everything is a pure function of the plan:
+structure `seed` of a family draws from numpy's default_rng([family.salt, seed]), so
+`egnn data generate hfo2 -o DIR` makes byte-identical inputs on every machine.
 
 One Brillouin-zone sampling for every structure of a plan. H depends on the k-points the density was
 computed with, not only on the geometry: the same 8-atom GeTe cell has its Ge onsite levels 140 meV
@@ -10,9 +12,7 @@ lower at Γ-centred 2×2×2 (= its 64-atom supercell at Γ) than at the shifted 
 (README "Accuracy", k-point sampling). A family's `kpoints` is therefore the mesh of the *prototype*
 cell, and a supercell runs on the points that mesh folds onto (`folded_kpoints`, CP2K SCHEME
 GENERAL), so a supercell and its prototype sample the same k-points and the same local geometry has
-the same H whatever the cell. Everything is a pure function of the plan:
-structure `seed` of a family draws from numpy's default_rng([family.salt, seed]), so
-`egnn data generate hfo2 -o DIR` makes byte-identical inputs on every machine.
+the same H whatever the cell.
 
 Per structure, CP2K 2023.1 (`cp2k.psmp`, Debian's `cp2k`) runs with the settings of the shipped
 data (../shared/data/README.md §3): PBE, GTH-PBE potentials, MOLOPT-SR basis, CUTOFF 300 /
@@ -45,8 +45,8 @@ import numpy as np
 from .errors import ConfigError, EgnnError, InputError
 from .io.cp2k import GTH_VALENCE
 
-__all__ = ["Family", "PLANS", "prototype", "make_structure", "folded_kpoints", "cp2k_input", "cp2k_command", "run_family",
-           "run_families", "is_complete", "select", "write_plan"]
+__all__ = ["Family", "PLANS", "prototype", "make_structure", "folded_kpoints", "cp2k_input", "cp2k_command",
+           "run_family", "run_families", "is_complete", "select", "write_plan"]
 
 # CP2K settings shared by every generated run (the shipped data's, see the module docstring)
 CUTOFF, REL_CUTOFF = 300, 40
