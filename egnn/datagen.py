@@ -46,7 +46,7 @@ from .errors import ConfigError, EgnnError, InputError
 from .io.cp2k import GTH_VALENCE
 
 __all__ = ["Family", "PLANS", "prototype", "make_structure", "folded_kpoints", "cp2k_input", "cp2k_command",
-           "run_family", "run_families", "is_complete", "select", "write_plan"]
+           "run_cp2k", "run_family", "run_families", "is_complete", "select", "write_plan"]
 
 # CP2K settings shared by every generated run (the shipped data's, see the module docstring)
 CUTOFF, REL_CUTOFF = 300, 40
@@ -284,6 +284,20 @@ def cp2k_command(np_ranks: int) -> list[str]:
     return [exe]
 
 
+def run_cp2k(run_dir: str, name: str, np_ranks: int = 1) -> float:
+    """Run CP2K on run_dir/<name>.inp (one OpenMP thread per rank); its wall seconds. A failed run, or
+    one that leaves no KS and S matrices, is an EgnnError naming the folder, with CP2K's log kept."""
+    t0 = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(os.path.join(run_dir, "cp2k.log"), "wb") as logf:
+        proc = subprocess.run(cp2k_command(np_ranks) + ["-i", f"{name}.inp", "-o", f"{name}.out"],
+                              cwd=run_dir, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not is_complete(run_dir, name):
+        raise EgnnError(f"{run_dir}: CP2K failed (exit {proc.returncode}); see {name}.out and cp2k.log there")
+    os.remove(os.path.join(run_dir, "cp2k.log"))
+    return time.time() - t0
+
+
 def run_family(fam: Family, out: str, np_ranks: int = 2, dry_run: bool = False, log=print) -> list[dict]:
     """Write (and unless dry_run, run) every structure of a family under out/<run name>/."""
     return run_families([(fam, out)], np_ranks=np_ranks, dry_run=dry_run, log=log)
@@ -328,17 +342,9 @@ def _run_one(fam: Family, out: str, seed: int, np_ranks: int, dry_run: bool, log
         f.write(inp)
     if dry_run:
         return {"structure": name, "status": "input written"}
-    t0 = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(os.path.join(run_dir, "cp2k.log"), "wb") as logf:
-        proc = subprocess.run(cp2k_command(np_ranks) + ["-i", f"{name}.inp", "-o", f"{name}.out"],
-                              cwd=run_dir, env=env, stdout=logf, stderr=subprocess.STDOUT)
-    secs = time.time() - t0
-    if proc.returncode != 0 or not is_complete(run_dir, name):
-        raise EgnnError(f"{run_dir}: CP2K failed (exit {proc.returncode}); see {name}.out and cp2k.log there")
+    secs = run_cp2k(run_dir, name, np_ranks)
     converged, steps = _scf_steps(os.path.join(run_dir, f"{name}.out"))
     _pack(run_dir)
-    os.remove(os.path.join(run_dir, "cp2k.log"))
     timings = os.path.join(out, "timings.csv")
     with lock:
         new = not os.path.exists(timings)

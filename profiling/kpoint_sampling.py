@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -65,11 +63,7 @@ def _run(folder: str, text: str) -> float:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{name}.inp"), "w") as f:
         f.write(text)
-    t = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(datagen.cp2k_command(1) + ["-i", f"{name}.inp", "-o", f"{name}.out"], cwd=folder, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, check=True)
-    return time.time() - t
+    return datagen.run_cp2k(folder, name)
 
 
 def _onsite(st) -> list[np.ndarray]:

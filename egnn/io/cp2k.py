@@ -197,7 +197,7 @@ class Cp2kInput:
     real_space: bool = False
     kpoints: bool = False
     kpoint_mesh: tuple | None = None  # (n1, n2, n3) of SCHEME MONKHORST-PACK
-    kpoint_list: np.ndarray | None = None  # [nk, 3] fractional KPOINT lines of SCHEME GENERAL (weights dropped)
+    kpoint_list: list | None = None  # [[k1, k2, k3], ...] fractional KPOINT lines of SCHEME GENERAL (no weights)
 
     @property
     def symbols(self) -> list[str]:
@@ -319,7 +319,7 @@ def parse_inp(path: str) -> Cp2kInput:
             raise InputError(f"{path}: &KIND {lab} has no BASIS_SET; add one")
     return Cp2kInput(path, project, cellm, pbc, labels, positions, kinds,
                      flags["UPPER_TRIANGULAR"], flags["BINARY"], flags["REAL_SPACE"], kpoints, mesh,
-                     np.array(klist) if klist else None)
+                     klist or None)
 
 
 @dataclass
@@ -631,7 +631,7 @@ def read_run(run_dir: str, basis_file=None, matrices=("H", "S"), symmetrise: boo
     return Structure(atoms=atoms, basis=basis, H=result.get("H"), S=result.get("S"),
                      gamma_only=bool(gamma_flags and gamma_flags[0]), source=os.path.abspath(run_dir),
                      meta={"code": "cp2k", "project": P, "basis_sets": kinds, "kpoint_mesh": inp.kpoint_mesh,
-                           "kpoint_list": None if inp.kpoint_list is None else inp.kpoint_list.tolist()})
+                           "kpoint_list": inp.kpoint_list})
 
 
 # ----------------------------------------------------------------------------- writer
