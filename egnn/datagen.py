@@ -9,7 +9,7 @@ structure `seed` of a family draws from numpy's default_rng([family.salt, seed])
 One Brillouin-zone sampling for every structure of a plan. H depends on the k-points the density was
 computed with, not only on the geometry: the same 8-atom GeTe cell has its Ge onsite levels 140 meV
 lower at Γ-centred 2×2×2 (= its 64-atom supercell at Γ) than at the shifted Monkhorst-Pack 2×2×2
-(README "Accuracy", k-point sampling). A family's `kpoints` is therefore the mesh of the *prototype*
+(docs/accuracy.md, "k-point sampling"). A family's `kpoints` is therefore the mesh of the *prototype*
 cell, and a supercell runs on the points that mesh folds onto (`folded_kpoints`, CP2K SCHEME
 GENERAL), so a supercell and its prototype sample the same k-points and the same local geometry has
 the same H whatever the cell.
@@ -93,7 +93,7 @@ PLANS: dict[str, list[Family]] = {
         _hfo2("hfo2_m24_d10", 0.10, range(6), 5, supercell=(1, 1, 2), strain=0.02),
         _hfo2("hfo2_m24_d18s", 0.18, range(30), 10, supercell=(1, 1, 2), strain=0.03),
         _hfo2("hfo2_m96_d12", 0.12, range(2), 6, supercell=(2, 2, 2)),
-        # added as the held-out onsite error kept falling with data (README "Accuracy")
+        # added as the held-out onsite error kept falling with data (docs/accuracy.md)
         _hfo2("hfo2_m12_d17s", 0.17, range(64), 16, strain=0.03),
         _hfo2("hfo2_m24_d15s", 0.15, range(24), 17, supercell=(1, 1, 2), strain=0.03),
         # the held-out gaps stayed 2.5-5x off their goal with σ <= 0.20 training data; the range
@@ -112,10 +112,10 @@ PLANS: dict[str, list[Family]] = {
         _gete("gete_rs8_d20", 0.20, range(6), 12),
         _gete("gete_rs8_strain", 0.10, range(6), 13, strain=0.03),
         _gete("gete_rs16_d10", 0.10, range(4), 14, supercell=(2, 1, 1)),
-        # the held-out study (README "Accuracy", GeTe): 8-atom cells take ~8 s each at one rank
+        # the held-out study (docs/accuracy.md, GeTe): 8-atom cells take ~8 s each at one rank
         _gete("gete_rs8_d15s", 0.15, range(48), 18, strain=0.03),
         _gete("gete_rs16_d18s", 0.18, range(16), 19, supercell=(2, 1, 1), strain=0.03),
-        # the full-data model had ghost levels on 5 of the 8 held-out cells (README "GeTe"): cells
+        # the full-data model had ghost levels on 5 of the 8 held-out cells (docs/accuracy.md, GeTe): cells
         # nearer the held-out σ, still below it: 24 of them took the ghosts from 5 to 4, 72 to 1, 120 to 0
         _gete("gete_rs8_d23s", 0.23, range(120), 22, strain=0.03),
         _gete("gete_rs8_val", 0.25, range(8), 15, strain=0.03, role="val"),

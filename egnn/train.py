@@ -382,7 +382,7 @@ class WeightAverage:
     "model_train" for --resume). Averaging the last ~1/(1 - decay) optimizer steps removes the
     step-to-step jitter of the weights at a high learning rate (held-out gaps of HfO2 move by up to
     60 meV between checkpoints of one run): it matters for runs that stop before the learning rate
-    has decayed; after that, the EMA and the last epoch measured the same (README "Accuracy").
+    has decayed; after that, the EMA and the last epoch measured the same (docs/accuracy.md).
     The decay is warmed up, min(decay, (1 + n)/(10 + n)) after n steps, so a fresh run does not
     average in its random start.
 
@@ -800,7 +800,7 @@ def load_samples(datasets, basis, dtype=torch.float32, eig_empty: int | None = N
 def warn_mixed_sampling(samples: list[Sample]) -> None:
     """Warn when training data mixes Γ-only runs with k-point runs. H depends on the k-points the
     density was computed with: a 12-atom HfO2 cell's onsite levels lie ~0.2 eV apart at Γ and at
-    2×2×2 (README "Accuracy", k-point sampling), so the two are different targets for one geometry,
+    2×2×2 (docs/accuracy.md, "k-point sampling"), so the two are different targets for one geometry,
     unless the Γ-only cells are large enough to be converged at Γ."""
     gamma = [s.name for s in samples if s.fold is not None]
     if gamma and len(gamma) < len(samples):

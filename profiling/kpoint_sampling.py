@@ -1,4 +1,4 @@
-"""How much H depends on the Brillouin-zone sampling, for one fixed geometry (README "Accuracy").
+"""How much H depends on the Brillouin-zone sampling, for one fixed geometry (docs/accuracy.md, "k-point sampling").
 
     .venv/bin/python profiling/kpoint_sampling.py [--material hfo2 gete] [--work DIR] [--out JSON]
 

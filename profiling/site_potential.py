@@ -1,4 +1,4 @@
-"""Are a checkpoint's onsite-energy errors the electrostatic site potential? (README "Accuracy")
+"""Are a checkpoint's onsite-energy errors the electrostatic site potential? (docs/accuracy.md)
 
     .venv/bin/python profiling/site_potential.py --checkpoint pretrained:hfo2_szv \
         --train configs/hfo2_szv_full.yaml [--split m12_val ...] [--charges Hf=4,O=-2] [--out JSON]

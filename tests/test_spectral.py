@@ -178,7 +178,7 @@ def test_resume_with_another_loss_restarts_best(tmp_path, capsys):
 
 
 def test_site_potential_probe_gives_the_madelung_potential_of_rocksalt():
-    """profiling/site_potential.py (README "Accuracy": the onsite errors are not the site potential)
+    """profiling/site_potential.py (docs/accuracy.md: the onsite errors are not the site potential)
     sums a Wolf potential over each atom's incoming edges: at r_cut 8 Å it must give NaCl's Madelung
     potential, −1.7476 k_e q / r0 at each ion, with opposite signs on the two sublattices."""
     import sys

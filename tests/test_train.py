@@ -257,7 +257,7 @@ def test_resume_ignores_loss_keys_of_removed_options(tmp_path, cache, capsys):
 
 
 def test_training_on_gamma_and_kpoint_runs_together_warns(caplog):
-    """Γ-only and k-point runs are different targets for one geometry (README "Accuracy", k-point
+    """Γ-only and k-point runs are different targets for one geometry (docs/accuracy.md, k-point
     sampling): mixing them warns once, naming the Γ-only runs; one sampling alone does not."""
     from types import SimpleNamespace
 
