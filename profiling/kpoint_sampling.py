@@ -1,4 +1,5 @@
-"""How much H depends on the Brillouin-zone sampling, for one fixed geometry (docs/accuracy.md, "k-point sampling").
+"""How much H depends on the Brillouin-zone sampling, for one fixed geometry
+(docs/accuracy.md, "k-point sampling").
 
     .venv/bin/python profiling/kpoint_sampling.py [--material hfo2 gete] [--work DIR] [--out JSON]
 
