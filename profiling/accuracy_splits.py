@@ -18,6 +18,10 @@ GeTe (DZVP) splits:
   rs8_val  generated gete_rs8_val: 8 × 8 atoms, σ = 0.25 Å, ±3 % strain (held out entirely)
   rs64     generated gete_rs64_val: 2 × 64 atoms, σ = 0.1 Å, on the training cells' k-points (folded;
            until 2026-12-05 at Γ) (train small, predict large)
+--fit adds a few cells of the largest-σ training families of each cell size (fit_* rows; training data, so
+never on a card): how well the model fits what it was trained on. Where a fit row is as far off as the
+held-out rows of the same cell size, the model underfits those cells, and more cells of that kind will
+not help; where it is far better, it is the held-out geometry that is new.
 Prints one row per split (node MAE per species, pairs < 2 Å, occupied eigenvalues, gap, bands) and
 writes the full `egnn evaluate` results as JSON.
 """
@@ -58,6 +62,14 @@ GETE_SPLITS = {
     "in_dist": Split(SHARED, "gete_kp", "gete_rs8_rattled_s001[4-5]"),
     "rs8_val": Split(GEN, "gete_rs8_val", "*_s*"),
     "rs64": Split(GEN, "gete_rs64_val", "*_s*"),
+}
+# --fit: cells of training families (role "train" in egnn.datagen.PLANS)
+FIT_SPLITS = {
+    "hfo2": {"fit_m12": Split(GEN, "hfo2_m12_d18s", "*_s000[0-7]"),
+             "fit_m24": Split(GEN, "hfo2_m24_d20s", "*_s000[0-5]"),
+             "fit_m96": Split(GEN, "hfo2_m96_d12", "*_s*")},
+    "gete": {"fit_rs8": Split(GEN, "gete_rs8_d23s", "*_s000[0-7]"),
+             "fit_rs16": Split(GEN, "gete_rs16_d18s", "*_s000[0-5]")},
 }
 # elements -> (name, splits, the card's limits)
 MATERIALS = {
@@ -134,6 +146,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint file or pretrained:NAME")
     p.add_argument("--split", action="append", choices=sorted(set(SPLITS) | set(GETE_SPLITS)),
                    help="only these splits of the checkpoint's material (repeatable)")
+    p.add_argument("--fit", action="store_true", help="also the training-family cells of FIT_SPLITS (fit_* rows)")
     p.add_argument("--out", default=None, help="write the results here as JSON")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--export", default=None, help="write the checkpoint here as a shipped one (float32 weights "
@@ -150,11 +163,12 @@ def main(argv=None):
     if wrong:
         p.error(f"split(s) {wrong} are not {name} splits; {name} has {sorted(splits)}")
     res = evaluate_splits(model, a.split or list(splits), default_cache_dir(), splits)
-    print_table(res, list(model.basis.elements))
+    fit = evaluate_splits(model, list(FIT_SPLITS[name]), default_cache_dir(), FIT_SPLITS[name]) if a.fit else {}
+    print_table({**res, **fit}, list(model.basis.elements))
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
-            json.dump({"checkpoint": a.checkpoint, **res}, f, indent=1, default=float)
+            json.dump({"checkpoint": a.checkpoint, **res, **fit}, f, indent=1, default=float)
     if a.export:
         from egnn.checkpoint import export, load
 

@@ -196,6 +196,8 @@ def test_full_configs_never_see_the_held_out_families(plan, config):
     val = {f.name for f in fams if f.role == "val"}
     generated = [sp.folder for sp in splits.values() if sp.root == A.GEN]
     assert generated and set(generated) <= val
+    # and --fit's rows only training families
+    assert {sp.folder for sp in A.FIT_SPLITS[plan].values()} <= {f.name for f in fams if f.role != "val"}
     with pytest.raises(EgnnError, match="no accuracy splits"):
         A.material(["Si"])
 
