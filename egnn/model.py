@@ -183,6 +183,26 @@ class HamiltonianModel(nn.Module):
         self.register_buffer("row_L", torch.tensor([l for l in range(L + 1) for _ in range(2 * l + 1)]),
                              persistent=False)
 
+    def load_grown(self, state: dict, layers: int) -> None:
+        """Load the weights of the same model with `layers` interaction layers (fewer than this one's):
+        the first `layers` layers, the embeddings, heads, reference and statistics are copied, and the
+        layers after them start as the identity (`InteractionLayer.make_identity_`), so the deeper
+        model predicts exactly what the checkpoint did and training goes on from there. Needs the
+        node head to read the last layer only ("all" reads a per-layer list whose width grows)."""
+        if self.config.node_head_input != "last" or not 0 < layers < len(self.layers):
+            raise ConfigError(f"model: can grow a model of {layers} layers to {len(self.layers)} only with more layers "
+                              f"than it had and node_head_input 'last' (got {self.config.node_head_input!r})")
+        added = tuple(f"layers.{i}." for i in range(layers, len(self.layers)))
+        own = self.state_dict()
+        wrong = sorted((set(own) ^ set(state)) - {k for k in own if k.startswith(added)})
+        wrong += [k for k in state if k in own and state[k].shape != own[k].shape]
+        if wrong:
+            raise ConfigError(f"model: the checkpoint's weights do not fit this model with {layers} of its layers "
+                              f"(e.g. {wrong[:3]}); grow only a checkpoint of the same model section but layers")
+        self.load_state_dict(state, strict=False)
+        for layer in self.layers[layers:]:
+            layer.make_identity_()
+
     @property
     def basis(self) -> OrbitalBasis:
         return self.config.basis

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .errors import ConfigError, TrainingError, warn_once
+from .errors import ConfigError, TrainingError, log, warn_once
 from .model import HamiltonianModel, ModelConfig
 
 __all__ = ["Sample", "TrainConfig", "collate", "masked_loss", "fit_output_stats", "Trainer", "load_config"]
@@ -854,7 +854,8 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
                       overwrite: bool = False, init: str | None = None) -> dict:
     """The whole `egnn train`: data, model, output statistics, epochs, checkpoints. `init`: fine-tune,
     starting from that checkpoint's weights, output statistics and reference (not refitted: the model
-    keeps predicting what it learned) with a new optimizer and scheduler."""
+    keeps predicting what it learned) with a new optimizer and scheduler; a config with more layers
+    than the checkpoint grows it (`HamiltonianModel.load_grown`)."""
     _prepare_output(cfg, resume, overwrite)
     # each checkpoint is read once, and a bad one fails before any data work
     resume_ck = checkpoint.load(resume) if resume else None
@@ -874,8 +875,15 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
         _check_resume(resume, mcfg, cfg, resume_ck)
     model = HamiltonianModel(mcfg)
     if init:
-        _check_same_model(init, mcfg, "--init", "train with the checkpoint's model section, or without --init", init_ck)
-        model.load_state_dict(init_ck["model"])
+        old_layers = int(init_ck["model_config"].get("layers", mcfg.layers))
+        if old_layers < mcfg.layers and {**init_ck["model_config"], "layers": mcfg.layers} == mcfg.to_dict():
+            model.load_grown(init_ck["model"], old_layers)  # deeper: the added layers start as the identity
+            log.info("egnn: --init %s: %d -> %d layers; the added ones start as the identity", init, old_layers,
+                     mcfg.layers)
+        else:
+            _check_same_model(init, mcfg, "--init", "train with the checkpoint's model section (or more layers), "
+                              "or without --init", init_ck)
+            model.load_state_dict(init_ck["model"])
     elif not resume:  # on the CPU, where the samples are, before the Trainer moves the model to its device
         fit_output_stats(model, train)
     config_dict = {"data": cfg.data, "model": cfg.model, "train": cfg.train, "output": cfg.output,

@@ -182,3 +182,43 @@ def test_onsite_edge_head_sums_over_incoming_edges():
         ModelConfig(basis=HFO2, onsite="edges")
     with pytest.raises(EgnnError, match="node_head_input"):
         ModelConfig(basis=HFO2, node_head_input="first")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grown_model_predicts_what_the_checkpoint_did_and_learns(fused):
+    """load_grown: a 3-layer model from a 2-layer one's weights gives the same blocks (the added
+    layer is the identity), its zeroed projections get gradients, and it stays equivariant once they
+    have moved."""
+    _, g = hfo2()
+    small = model(layers=2, reference="two_centre")
+    torch.manual_seed(3)
+    big = HamiltonianModel(ModelConfig(basis=HFO2, r_cut=5.0, layers=3, reference="two_centre", fused=fused)).double()
+    big.load_grown(small.state_dict(), 2)
+    n0, e0 = small(*inputs(g))
+    n1, e1 = big(*inputs(g))
+    assert (n0 - n1).abs().max() < 1e-12 and (e0 - e1).abs().max() < 1e-12
+    (n1.square().sum() + e1.square().sum()).backward()
+    new = big.layers[2]
+    for m in (new.node_proj, new.ffn.lin2, new.edge_msg.conv.lin2):
+        assert all(p.grad is not None and p.grad.abs().max() > 0 for p in m.parameters() if p.requires_grad)
+    with torch.no_grad():  # a step's worth of weights in the added layer: still equivariant
+        for p in new.parameters():
+            p.add_(1e-2 * torch.randn_like(p))
+        sp, src, dst, vec = inputs(g)
+        n2, e2 = big(sp, src, dst, vec)
+        assert (n2 - n0).abs().max() > 1e-6  # the added layer now does something
+        R = random_rotation(11, torch.float64)
+        n3, e3 = big(sp, src, dst, vec @ R.T)
+    D = so3.wigner_D_from_matrix(R, HFO2.L_max)
+    for a, b in ((n2, n3), (e2, e3)):
+        assert (rotate_blocks(a, D) - b).abs().max() / a.abs().max() < 1e-10
+
+
+def test_grow_refuses_what_it_cannot_grow():
+    small = model(layers=2)
+    with pytest.raises(EgnnError, match="node_head_input 'last'"):
+        model(layers=3, node_head_input="all").load_grown(small.state_dict(), 2)
+    with pytest.raises(EgnnError, match="more layers than it had"):
+        model(layers=2).load_grown(small.state_dict(), 2)
+    with pytest.raises(EgnnError, match="do not fit this model"):
+        model(layers=3, channels=8, heads=2).load_grown(small.state_dict(), 2)

@@ -225,6 +225,24 @@ def test_init_fine_tunes_from_a_checkpoints_weights(tmp_path, cache, capsys):
     assert all(torch.allclose(wa[k].double(), wb[k].double(), rtol=0, atol=1e-9) for k in wa)
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 1e-12
 
+def test_init_grows_a_checkpoint_by_layers(tmp_path, cache, caplog):
+    """--init of a checkpoint with fewer layers into a config with more: the added layers start as
+    the identity, so with a vanishing lr the first validation loss is the checkpoint's."""
+    a = write_config(tmp_path / "a.yaml", cache, tmp_path / "a", epochs=1)
+    assert main(["train", a, "--json"]) == 0
+    best_a = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["best"]
+    cfg = yaml.safe_load(open(write_config(tmp_path / "b.yaml", cache, tmp_path / "b", epochs=1, lr=1e-12)))
+    layers = cfg["model"].get("layers", 3)
+    cfg["model"] = {**cfg["model"], "layers": layers + 1}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    with caplog.at_level("INFO", logger="egnn"):
+        assert main(["train", str(tmp_path / "b.yaml"), "--json", "--init", str(tmp_path / "a" / "best.pt")]) == 0
+    assert f"{layers} -> {layers + 1} layers; the added ones start as the identity" in caplog.text
+    got = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert got[0]["val_loss"] == pytest.approx(best_a, rel=1e-5)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model_config"]["layers"] == layers + 1
+
+
 def test_init_refuses_another_model(tmp_path, cache, capsys):
     a = write_config(tmp_path / "a.yaml", cache, tmp_path / "a", epochs=1)
     assert main(["train", a, "--json"]) == 0

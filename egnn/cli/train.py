@@ -10,7 +10,8 @@ def add_arguments(p):
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue exactly from a checkpoint (last.pt)")
     p.add_argument("--init", metavar="CHECKPOINT",
                    help="fine-tune: start from a checkpoint's weights (a training one or pretrained:NAME; its "
-                        "output statistics and reference too) with a new optimizer at train.lr, epochs from 0")
+                        "output statistics and reference too) with a new optimizer at train.lr, epochs from 0; a config "
+                        "with more model.layers grows it, the added layers starting as the identity")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--json", action="store_true", help="print one JSON object with the final metrics")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

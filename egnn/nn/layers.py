@@ -85,6 +85,16 @@ class InteractionLayer(nn.Module):
             e = e + u * envelope.view(-1, 1, 1)
         return x, e
 
+    @torch.no_grad()
+    def make_identity_(self) -> "InteractionLayer":
+        """Zero the projections that end the three residual branches (node message, feed-forward,
+        edge message): the layer then passes x and e through unchanged, while the gradient of each
+        zeroed projection is not zero, so it learns from there (a layer added to a trained model)."""
+        for m in (self.node_proj, self.ffn.lin2, self.edge_msg.conv.lin2):
+            for p in m.parameters():
+                p.zero_()
+        return self
+
     def _node_update(self, x, agg):
         x = x + self.node_proj(agg)
         return x + self.ffn(self.ffn_norm(x))
