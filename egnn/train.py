@@ -878,7 +878,7 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
         old_layers = int(init_ck["model_config"].get("layers", mcfg.layers))
         if old_layers < mcfg.layers and {**init_ck["model_config"], "layers": mcfg.layers} == mcfg.to_dict():
             model.load_grown(init_ck["model"], old_layers)  # deeper: the added layers start as the identity
-            log.info("egnn: --init %s: %d -> %d layers; the added ones start as the identity", init, old_layers,
+            log.info("--init %s: %d -> %d layers; the added ones start as the identity", init, old_layers,
                      mcfg.layers)
         else:
             _check_same_model(init, mcfg, "--init", "train with the checkpoint's model section (or more layers), "
