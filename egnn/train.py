@@ -834,10 +834,11 @@ def _prepare_output(cfg: TrainConfig, resume: str | None, overwrite: bool) -> No
         raise ConfigError(f"{cfg.source}: output {cfg.output} cannot be written ({parent} is not writable)")
 
 
-def _check_same_model(path: str, mcfg: ModelConfig, flag: str, fix: str, ck: dict) -> None:
-    """`ck` (the checkpoint at `path`) was written by a model of this config, else a ConfigError."""
+def _check_same_model(path: str, mcfg: ModelConfig, flag: str, fix: str, ck: dict, allow=()) -> None:
+    """`ck` (the checkpoint at `path`) was written by a model of this config, up to the keys in `allow`,
+    else a ConfigError."""
     old, new = ck["model_config"], mcfg.to_dict()
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in allow)
     if diff:
         show = "; ".join(f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in diff[:4])
         raise ConfigError(f"{flag} {path}: the checkpoint's model differs from the config's ({show}); {fix}")
@@ -875,15 +876,15 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
         _check_resume(resume, mcfg, cfg, resume_ck)
     model = HamiltonianModel(mcfg)
     if init:
-        old_layers = int(init_ck["model_config"].get("layers", mcfg.layers))
-        if old_layers < mcfg.layers and {**init_ck["model_config"], "layers": mcfg.layers} == mcfg.to_dict():
-            model.load_grown(init_ck["model"], old_layers)  # deeper: the added layers start as the identity
+        _check_same_model(init, mcfg, "--init", "train with the checkpoint's model section (or more layers), "
+                          "or without --init", init_ck, allow=("layers",))
+        old_layers = int(init_ck["model_config"]["layers"])
+        if old_layers == mcfg.layers:
+            model.load_state_dict(init_ck["model"])
+        else:  # load_grown refuses fewer layers
+            model.load_grown(init_ck["model"], old_layers)
             log.info("--init %s: %d -> %d layers; the added ones start as the identity", init, old_layers,
                      mcfg.layers)
-        else:
-            _check_same_model(init, mcfg, "--init", "train with the checkpoint's model section (or more layers), "
-                              "or without --init", init_ck)
-            model.load_state_dict(init_ck["model"])
     elif not resume:  # on the CPU, where the samples are, before the Trainer moves the model to its device
         fit_output_stats(model, train)
     config_dict = {"data": cfg.data, "model": cfg.model, "train": cfg.train, "output": cfg.output,

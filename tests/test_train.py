@@ -225,6 +225,7 @@ def test_init_fine_tunes_from_a_checkpoints_weights(tmp_path, cache, capsys):
     assert all(torch.allclose(wa[k].double(), wb[k].double(), rtol=0, atol=1e-9) for k in wa)
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 1e-12
 
+
 def test_init_grows_a_checkpoint_by_layers(tmp_path, cache, caplog):
     """--init of a checkpoint with fewer layers into a config with more: the added layers start as
     the identity, so with a vanishing lr the first validation loss is the checkpoint's."""
