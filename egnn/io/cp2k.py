@@ -534,7 +534,7 @@ def check_images(images: dict, files: dict, n: int, kind: str, gamma_only: bool,
     if kind == "S" and n > 4000:
         from ..errors import warn_once
 
-        warn_once("s-gamma-pd", f"egnn: S(Γ) of runs with more than 4000 orbitals ({f0}) is not checked for "
+        warn_once("s-gamma-pd", f"S(Γ) of runs with more than 4000 orbitals ({f0}) is not checked for "
                   "positive definiteness (a dense factorisation would cost more than reading the run)")
     if kind == "S" and n <= 4000:
         import scipy.linalg
