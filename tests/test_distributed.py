@@ -404,3 +404,14 @@ def test_missing_rank_fails_with_egnn_error_within_timeout(run_dir):
         out = json.loads((run_dir / f"missing{r}.json").read_text())
         assert out["error"] == "DistributedError" and out["egnn"], out
         assert "WORLD_SIZE=3" in out["msg"]
+
+
+@pytest.mark.parametrize("key", ["eig_weight", "gap_weight"])
+def test_eigenvalue_losses_are_refused_before_joining_a_group(key):
+    """They need whole structures on one process: refused with the fix, before any process group."""
+    from egnn.distributed import DistributedTrainer
+    from egnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="under torchrun set both to 0"):
+        DistributedTrainer(None, [], [], {key: 0.1}, "unused")
+    assert not torch.distributed.is_initialized()
