@@ -5,9 +5,6 @@ The loss is the element loss (L1 + L2 over unpadded coupled-basis elements, node
 `train.node_weight`) plus, with `train.eig_weight` > 0, the same L1 + L2 of the first-order Γ-level
 errors of each structure (its occupied levels and `train.eig_empty` empty ones; egnn.spectral):
 what the eigenvalues see of the many small far blocks, which the element loss treats as independent.
-With `train.gap_weight` > 0 it adds the L1 + L2 of each structure's first-order Γ gap error (lowest
-empty minus highest occupied level): the two levels that the mean over all levels weighs least and
-users look at first.
 
 A training example is a `Sample`: one structure's graph and its coupled-basis targets with masks
 (built from DFT data by `egnn.dataset`). Several samples are joined into one disjoint graph per step.
@@ -167,7 +164,7 @@ TRAIN_DEFAULTS = {
     "epochs": 100, "lr": 3e-3, "weight_decay": 0.0, "batch_size": 1, "amp": "off", "seed": 0,
     "checkpoint_every": 10, "lr_factor": 0.5, "lr_patience": 10, "min_lr": 1e-5, "l1": 1.0, "l2": 1.0,
     "grad_clip": 10.0, "max_minutes": None, "device": "auto", "node_weight": 1.0, "eig_weight": 0.0, "eig_empty": 2,
-    "gap_weight": 0.0, "ema_decay": 0.0,
+    "ema_decay": 0.0,
 }
 DATA_KEYS = {"train", "val", "r_cut", "cache"}
 TOP_KEYS = {"data", "model", "train", "output", "partition"}
@@ -207,7 +204,6 @@ _TRAIN_SCHEMA = {
     "node_weight": ("float", lambda v: v >= 0, "a number >= 0"),
     "eig_weight": ("float", lambda v: v >= 0, "a number >= 0"),
     "eig_empty": ("int", lambda v: v >= 0, "an integer >= 0"),
-    "gap_weight": ("float", lambda v: v >= 0, "a number >= 0"),
     "ema_decay": ("float", lambda v: 0 <= v < 1, "a number in [0, 1) (0: off)"),
 }
 
@@ -336,9 +332,6 @@ def load_config(path_or_dict, base_dir: str | None = None) -> TrainConfig:
         if value is not None and not ok(value):
             raise ConfigError(f"{where}: train.{key} must be {what}, got {value!r}")
         train[key] = value
-    if train["gap_weight"] > 0 and train["eig_empty"] < 1:
-        raise ConfigError(f"{where}: train.gap_weight needs the lowest empty level; set train.eig_empty >= 1 "
-                          "(or gap_weight: 0)")
     if train["device"].startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{where}: train.device is {train['device']!r} but this machine has no usable CUDA "
                           "device; use device: auto (or cpu)")
@@ -489,24 +482,19 @@ class Trainer:
         w = float(self.cfg["node_weight"])  # node blocks are few (N vs E) but set the onsite energies
         total = (w * ln * nn_ + le * ne) / max(w * nn_ + ne, 1)
         st = {"node_abs": an.item(), "node_n": nn_, "edge_abs": ae.item(), "edge_n": ne}
-        we, wg = float(self.cfg.get("eig_weight", 0)), float(self.cfg.get("gap_weight", 0))
-        if s.spectra and (we or wg):
-            shifts = self.eigen_shifts(s, node, edge)
-            d = torch.cat(shifts)
-            total = total + we * (l1 * d.abs().mean() + l2 * d.square().mean())
+        if s.spectra and self.cfg.get("eig_weight"):
+            d = self.eigen_shifts(s, node, edge)
+            total = total + float(self.cfg["eig_weight"]) * (l1 * d.abs().mean() + l2 * d.square().mean())
             st.update(eig_abs=d.detach().abs().sum().item(), eig_n=d.numel())
-            if wg:
-                g = torch.stack([x[sp.n_occ] - x[sp.n_occ - 1] for x, (*_, sp) in zip(shifts, s.spectra)])
-                total = total + wg * (l1 * g.abs().mean() + l2 * g.square().mean())
-                st.update(gap_abs=g.detach().abs().sum().item(), gap_n=g.numel())
         return total, st
 
-    def eigen_shifts(self, s: Sample, node, edge) -> list[torch.Tensor]:
-        """First-order Γ-eigenvalue errors of a prediction, [levels] per structure (egnn.spectral)."""
+    def eigen_shifts(self, s: Sample, node, edge) -> torch.Tensor:
+        """First-order Γ-eigenvalue errors [levels of all structures] of a prediction (egnn.spectral)."""
         from .spectral import first_order
 
         dn, de = node - s.node_target, edge - s.edge_target
-        return [first_order(sp, dn[no:no + n], de[eo:eo + e], self.model.basis) for no, n, eo, e, sp in s.spectra]
+        return torch.cat([first_order(sp, dn[no:no + n], de[eo:eo + e], self.model.basis)
+                          for no, n, eo, e, sp in s.spectra])
 
     def batches(self, epoch: int):
         g = torch.Generator().manual_seed(int(self.cfg["seed"]) * 100003 + epoch)  # resumable order
@@ -588,8 +576,8 @@ class Trainer:
                     "train_mae_meV": tr["mae_meV"], "val_mae_meV": va["mae_meV"],
                     "val_node_mae_meV": va["node_mae_meV"], "val_edge_mae_meV": va["edge_mae_meV"],
                     "train_node_mae_meV": tr["node_mae_meV"], "train_edge_mae_meV": tr["edge_mae_meV"],
-                    **{f"{p}_{k}": m[k] for k in ("eig_mae_meV", "gap_mae_meV") if k in va
-                       for p, m in (("val", va), ("train", tr))},
+                    **({"val_eig_mae_meV": va["eig_mae_meV"], "train_eig_mae_meV": tr["eig_mae_meV"]}
+                       if "eig_mae_meV" in va else {}),
                     "lr": self.opt.param_groups[0]["lr"], "seconds": time.time() - t0}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
@@ -600,7 +588,6 @@ class Trainer:
                 self.save(os.path.join(self.output, "last.pt"))
             if progress:
                 eig = f", Γ levels {va['eig_mae_meV']:.1f}" if "eig_mae_meV" in va else ""
-                eig += f", gap {va['gap_mae_meV']:.1f}" if "gap_mae_meV" in va else ""
                 self.log(f"epoch {epoch:4d}  loss {tr['loss']:.4g}  val MAE {va['mae_meV']:.2f} meV "
                          f"(node {va['node_mae_meV']:.2f}, edge {va['edge_mae_meV']:.2f}{eig})  lr {last['lr']:.2g}")
             limit = self.cfg.get("max_minutes")
@@ -649,15 +636,13 @@ class Trainer:
         return {k: self.cfg.get(k, TRAIN_DEFAULTS[k]) for k in LOSS_KEYS}
 
 
-LOSS_KEYS = ("l1", "l2", "node_weight", "eig_weight", "eig_empty", "gap_weight")  # what the validation loss (and best.pt) means
-STAT_KEYS = ("node_abs", "node_n", "edge_abs", "edge_n", "eig_abs", "eig_n", "gap_abs", "gap_n")
+LOSS_KEYS = ("l1", "l2", "node_weight", "eig_weight", "eig_empty")  # what the validation loss (and best.pt) means
+STAT_KEYS = ("node_abs", "node_n", "edge_abs", "edge_n", "eig_abs", "eig_n")
 
 
 def _maes(st: dict) -> dict:
     n = st["node_n"] + st["edge_n"]
     eig = {"eig_mae_meV": 1000 * st["eig_abs"] / st["eig_n"]} if st.get("eig_n") else {}
-    if st.get("gap_n"):
-        eig["gap_mae_meV"] = 1000 * st["gap_abs"] / st["gap_n"]
     return {"mae_meV": 1000 * (st["node_abs"] + st["edge_abs"]) / max(n, 1),
             "node_mae_meV": 1000 * st["node_abs"] / max(st["node_n"], 1),
             "edge_mae_meV": 1000 * st["edge_abs"] / max(st["edge_n"], 1), **eig}
@@ -797,8 +782,8 @@ def load_samples(datasets, basis, dtype=torch.float32, eig_empty: int | None = N
         d.dtype = dtype
         if eig_empty is not None:
             if not d.manifest.get("overlap"):
-                raise ConfigError(f"{d.path}: converted without S, which train.eig_weight and gap_weight need; re-run "
-                                  "`egnn data convert` without --no-overlap, or set both to 0")
+                raise ConfigError(f"{d.path}: converted without S, which train.eig_weight needs; re-run `egnn data "
+                                  "convert` without --no-overlap, or set train.eig_weight: 0")
             d.overlap = True
         for i in range(len(d)):
             src = d.manifest["structures"][i]["source"]
@@ -884,8 +869,7 @@ def train_from_config(cfg: TrainConfig, resume: str | None = None, progress: boo
     val_ds = open_datasets(flatten_paths(cfg.data["val"]), cfg.r_cut, cache) if cfg.data["val"] else []
     basis = train_ds[0].basis
     mcfg = ModelConfig.from_dict({**cfg.model, "basis": basis, "r_cut": cfg.r_cut})
-    spectral = float(cfg.train["eig_weight"]) > 0 or float(cfg.train["gap_weight"]) > 0
-    eig = int(cfg.train["eig_empty"]) if spectral else None
+    eig = int(cfg.train["eig_empty"]) if float(cfg.train["eig_weight"]) > 0 else None
     train, val = load_samples(train_ds, basis, eig_empty=eig), load_samples(val_ds, basis, eig_empty=eig)
     warn_mixed_sampling(train)
     if resume:

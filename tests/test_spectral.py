@@ -12,8 +12,7 @@ import yaml
 from egnn.cli import main
 from egnn.io.cp2k import valence_electrons
 from egnn.spectral import _block_sets, first_order, gamma_matrices, prepare
-from egnn.errors import ConfigError
-from egnn.train import collate, load_config, load_samples, open_datasets
+from egnn.train import collate, load_samples, open_datasets
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "cp2k")
 KP = os.path.join(FIX, "hfo2_m12_rattled_s0000")  # real-space images
@@ -106,25 +105,6 @@ def test_train_with_the_eigenvalue_loss(tmp_path):
     assert lines[-1]["val_eig_mae_meV"] < lines[0]["val_eig_mae_meV"]
 
 
-def test_gap_loss_lowers_the_gap_error(tmp_path):
-    """train.gap_weight alone (no element or level loss): the logged first-order Γ gap error falls,
-    so its gradient reaches the weights; without an empty level it is refused."""
-    cfg = {"data": {"train": [KP], "val": [KP], "r_cut": R_CUT, "cache": str(tmp_path / "cache")},
-           "model": {"channels": 8, "layers": 1, "hidden": 8, "heads": 1, "num_rbf": 8},
-           "train": {"epochs": 4, "lr": 3e-3, "seed": 3, "l1": 1.0, "l2": 0.0, "node_weight": 0.0,
-                     "gap_weight": 1.0, "eig_empty": 1},
-           "output": str(tmp_path / "run")}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(path), "--json"]) == 0
-    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-    assert lines[-1]["val_gap_mae_meV"] < 0.5 * lines[0]["val_gap_mae_meV"]
-    cfg["train"]["eig_empty"] = 0
-    path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ConfigError, match="gap_weight needs the lowest empty level"):
-        load_config(str(path))
-
-
 def test_eigenvalue_loss_needs_overlap(tmp_path, capsys):
     from egnn.dataset import convert
 
@@ -135,7 +115,7 @@ def test_eigenvalue_loss_needs_overlap(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) != 0
-    assert "converted without S, which train.eig_weight and gap_weight need" in capsys.readouterr().err
+    assert "converted without S, which train.eig_weight needs" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run" / "best.pt")
 
 
