@@ -52,11 +52,6 @@ class ModelConfig:
     # onsite sum over exponential radial features, egnn.nn.reference) fitted in closed form to the
     # training data; the network predicts the residual. "none": the network predicts H itself
     reference: str = "none"
-    # radius (Å) of the node update's messages; None = r_cut. Edges up to r_cut still carry edge
-    # embeddings and off-diagonal blocks, but each node aggregates only the edges shorter than this
-    # (smoothly, egnn.nn.layers.message_weights): a receptive field of layers x r_message instead of
-    # layers x r_cut for the onsite blocks (issue 11: does a more local environment generalise?)
-    r_message: float | None = None
 
     def __post_init__(self):
         if isinstance(self.basis, dict):
@@ -71,8 +66,6 @@ class ModelConfig:
             raise ConfigError(f"model: channels={self.channels} must be divisible by heads={self.heads}")
         if not self.r_cut > 0:
             raise ConfigError(f"model: r_cut must be > 0 Å, got {self.r_cut}")
-        if self.r_message is not None and not 0 < self.r_message <= self.r_cut:
-            raise ConfigError(f"model: r_message must be in (0, r_cut = {self.r_cut}] Å or null, got {self.r_message}")
         if self.onsite not in ONSITE_MODES:
             raise ConfigError(f"model: onsite must be one of {ONSITE_MODES}, got {self.onsite!r}")
         if self.reference not in REFERENCES:
@@ -255,10 +248,9 @@ class HamiltonianModel(nn.Module):
         x, e, rbf, envelope = self.embed(species, src, dst, edge_vec)
         seen = []  # node embeddings after each layer but the last, for node_head_input "all"
         D = self.rotation.wigner(edge_vec)
-        menv = self.message_envelope(edge_vec)
         for layer in self.layers:
             seen.append(x)
-            x, e = layer(x, e, src, dst, self.rotation, D, rbf, envelope, exchange, menv)
+            x, e = layer(x, e, src, dst, self.rotation, D, rbf, envelope, exchange)
         xn = self.node_norm(x)
         z = self._edge_input(e, exchange(xn), src, dst)
         node = self._node_out(xn, seen)
@@ -336,16 +328,9 @@ class HamiltonianModel(nn.Module):
         return node.index_add_(0, dst, part.to(node.dtype))
 
     def edge_features(self, edge_vec):
-        """(Wigner-D blocks, radial basis, envelope, message envelope or None) of a set of edges."""
+        """(Wigner-D blocks, radial basis, envelope) of a set of edges."""
         dist = edge_vec.norm(dim=-1)
-        return (self.rotation.wigner(edge_vec), self.rbf(dist), cosine_envelope(dist, self.config.r_cut),
-                self.message_envelope(edge_vec))
-
-    def message_envelope(self, edge_vec):
-        """The node update's envelope at r_message, or None where messages reach r_cut."""
-        if self.config.r_message is None:
-            return None
-        return cosine_envelope(edge_vec.norm(dim=-1), self.config.r_message)
+        return self.rotation.wigner(edge_vec), self.rbf(dist), cosine_envelope(dist, self.config.r_cut)
 
     def _edge_input(self, e, xe, src, dst):
         """[normalised edge embedding | x_src | x_dst], what the edge (and onsite) heads read."""

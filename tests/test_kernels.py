@@ -8,6 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is im
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_rotation, rotate_blocks
@@ -504,6 +505,18 @@ def test_generated_rotation_maths_is_current():
 
     with open(_codegen.OUT) as f:
         assert f.read() == _codegen.generate(), "kernels/_wigner.py is stale: run python -m egnn.kernels._codegen"
+
+
+def test_generated_rotation_maths_does_not_depend_on_the_last_bits(monkeypatch):
+    """The J entries come out of torch with last bits that differ between CPUs; the generated source
+    must not (it did at 15 digits: the staleness check above failed on another machine)."""
+    from egnn.kernels import _codegen
+
+    base, exact, rng = _codegen.generate(), _codegen.j_matrices, np.random.default_rng(0)
+    for _ in range(3):
+        monkeypatch.setattr(_codegen, "j_matrices", lambda lmax=_codegen.MAX_L: [
+            J * (1 + rng.integers(-4, 5, J.shape) * np.finfo(float).eps) for J in exact(lmax)])
+        assert _codegen.generate() == base
 
 
 # ----------------------------------------------------------------------------- GPU: every op against the twin

@@ -33,7 +33,7 @@ def model(dtype=torch.float64, seed=0, **kw):
 
 
 HEADS = [{}, {"onsite": "node+edges"}, {"node_head_input": "all"}, {"onsite": "node+edges", "node_head_input": "all"},
-         {"reference": "two_centre"}, {"r_message": 3.0}]
+         {"reference": "two_centre"}]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -149,12 +149,11 @@ def test_chunked_inference_equals_full_forward(heads):
     assert (n1 - n2).abs().max() < 1e-12 and (e1 - e2).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("r_message", [None, 3.0])
-def test_fused_model_equals_reference_forward_and_gradients(r_message):
+def test_fused_model_equals_reference_forward_and_gradients():
     _, g = hfo2()
-    ref = model(seed=5, r_message=r_message)
+    ref = model(seed=5)
     torch.manual_seed(5)
-    fused = HamiltonianModel(ModelConfig(basis=HFO2, r_cut=5.0, fused=True, r_message=r_message)).double()
+    fused = HamiltonianModel(ModelConfig(basis=HFO2, r_cut=5.0, fused=True)).double()
     fused.load_state_dict(ref.state_dict())
     outs = []
     for m in (ref, fused):
@@ -164,37 +163,6 @@ def test_fused_model_equals_reference_forward_and_gradients(r_message):
     assert (outs[0][0] - outs[1][0]).abs().max() < 1e-10 and (outs[0][1] - outs[1][1]).abs().max() < 1e-10
     for a, b in zip(outs[0][2], outs[1][2]):
         assert (a - b).abs().max() <= 1e-9 * max(1.0, a.abs().max().item())
-
-
-@pytest.mark.parametrize("layers", [1, 2])
-def test_node_update_reaches_only_r_message(layers):
-    """With r_message, moving atom k changes the node blocks of exactly the atoms within `layers` hops
-    of k along edges shorter than r_message; without it, along all edges (r_cut)."""
-    atoms = bulk("HfO2", "fluorite", 5.1, cubic=True).repeat((2, 1, 1))
-    atoms.rattle(0.02, seed=3)
-    g = radius_graph(atoms, 5.0)
-    sp, src, dst, vec = inputs(g)
-    r_message = 2.38  # between the Hf-O (~2.2 Å) and O-O (~2.5 Å) shells, no distance within 0.05 Å of it
-    assert (vec.norm(dim=-1) - r_message).abs().min() > 0.05
-
-    def reach(radius):  # [k, i]: i within `layers` hops of k along edges shorter than radius
-        hop = torch.eye(g.num_nodes, dtype=torch.bool)
-        near = vec.norm(dim=-1) < radius
-        hop[src[near], dst[near]] = hop[dst[near], src[near]] = True
-        return torch.linalg.matrix_power(hop.double(), layers) > 0
-
-    for r_msg, expected in ((r_message, reach(r_message)), (None, reach(5.0))):
-        m = model(layers=layers, r_message=r_msg)
-        with torch.no_grad():
-            n0, _ = m(sp, src, dst, vec)
-            for k in (0, 11):  # a Hf and an O atom: its outgoing edges move by +d, incoming by -d
-                d = 1e-3 * torch.tensor([0.3, -0.5, 0.8], dtype=vec.dtype)
-                n1, _ = m(sp, src, dst, vec + ((src == k).double() - (dst == k).double()).unsqueeze(-1) * d)
-                changed = (n1 - n0).abs().amax(dim=(1, 2))
-                assert (changed[expected[k]] > 1e-9).all() and (changed[~expected[k]] < 1e-13).all(), (r_msg, k)
-    assert not (reach(r_message)[0] == reach(5.0)[0]).all()  # r_message does leave atoms out
-    with pytest.raises(EgnnError, match="r_message"):
-        ModelConfig(basis=HFO2, r_cut=5.0, r_message=6.0)
 
 
 def test_onsite_edge_head_sums_over_incoming_edges():

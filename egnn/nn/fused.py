@@ -19,7 +19,7 @@ import torch
 
 from .. import kernels
 from ..errors import InputError
-from .layers import InteractionLayer, _identity, message_weights
+from .layers import InteractionLayer, _identity
 
 
 class _Recompute(torch.autograd.Function):
@@ -68,13 +68,12 @@ class FusedInteractionLayer(InteractionLayer):
         super().__init__(lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels, backend)
         self.lmax, self.mmax = lmax, mmax
 
-    def _node_messages(self, n, xn, en, rbf, envelope, src, dst, edge_vec, message_envelope=None):
+    def _node_messages(self, n, xn, en, rbf, envelope, src, dst, edge_vec):
         blk = self.node_msg
         h = kernels.rotate_to_edge(xn, en, src, dst, edge_vec, self.lmax, self.mmax, backend=self.backend)
         y, extra = blk.conv(h, blk.radial(rbf).unsqueeze(1))
         with nvtx.annotate("egnn/aggregate"):
-            logits, w = message_weights(self.alpha(extra), envelope, message_envelope)
-            return kernels.attention_aggregate(y * w.view(-1, 1, 1).to(y.dtype), logits, dst, n,
+            return kernels.attention_aggregate(y * envelope.view(-1, 1, 1).to(y.dtype), self.alpha(extra), dst, n,
                                                edge_vec, self.lmax, self.mmax, backend=self.backend)
 
     def _edge_messages(self, xn, en, rbf, src, dst, edge_vec):
@@ -83,8 +82,7 @@ class FusedInteractionLayer(InteractionLayer):
         y, _ = blk.conv(h, blk.radial(rbf).unsqueeze(1))
         return kernels.rotate_back(y, edge_vec, self.lmax, self.mmax, backend=self.backend)
 
-    def forward(self, x, e, src, dst, rot, D, rbf, envelope, exchange=_identity, message_envelope=None,
-                edge_vec=None):
+    def forward(self, x, e, src, dst, rot, D, rbf, envelope, exchange=_identity, edge_vec=None):
         edge_vec = edge_vec if edge_vec is not None else getattr(D, "edge_vec", None)
         if edge_vec is None:
             raise InputError("FusedInteractionLayer: no edge vectors; pass D from EdgeRotation.wigner(edge_vec) "
@@ -93,9 +91,7 @@ class FusedInteractionLayer(InteractionLayer):
         with nvtx.annotate("egnn/node_update"):
             xn = exchange(self.node_norm(x))
             en = self.edge_norm(e)
-            inputs = (xn, en, rbf, envelope, src, dst, edge_vec)
-            inputs += () if message_envelope is None else (message_envelope,)
-            agg = recompute(lambda *a: self._node_messages(n, *a), inputs,
+            agg = recompute(lambda *a: self._node_messages(n, *a), (xn, en, rbf, envelope, src, dst, edge_vec),
                             list(self.node_msg.parameters()) + list(self.alpha.parameters()))
             x = x + self.node_proj(agg)
             x = x + self.ffn(self.ffn_norm(x))

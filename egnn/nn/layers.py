@@ -24,18 +24,6 @@ def _identity(x):
     return x
 
 
-def message_weights(logits, envelope, message_envelope=None):
-    """(attention logits, value weights) of the node messages. Without a message envelope every edge
-    within r_cut enters the softmax and its value is scaled by the r_cut envelope. With one
-    (`model.r_message`), the softmax weights become envelope · exp(logit) / Σ envelope · exp(logit):
-    edges beyond r_message leave the node update entirely and fade out smoothly towards it (the
-    1e-30 floor only keeps atoms without a message edge from a 0/0; their values are zero)."""
-    if message_envelope is None:
-        return logits, envelope
-    bias = message_envelope.clamp_min(1e-30).log().to(logits.dtype).unsqueeze(-1)
-    return logits + bias, message_envelope
-
-
 class FeedForward(nn.Module):
     """Per-node equivariant MLP: linear C -> H, gate, linear H -> out (C, or a count per l)."""
 
@@ -82,15 +70,14 @@ class InteractionLayer(nn.Module):
             if m is not self and hasattr(m, "backend"):
                 m.backend = self.backend
 
-    def forward(self, x, e, src, dst, rot, D, rbf, envelope, exchange=_identity, message_envelope=None):
+    def forward(self, x, e, src, dst, rot, D, rbf, envelope, exchange=_identity):
         n = x.shape[0]
         with nvtx.annotate("egnn/node_update"):
             xn = exchange(self.node_norm(x))
             en = self.edge_norm(e)
             v, extra = self.node_msg(rot, D, xn.index_select(0, src), xn.index_select(0, dst), en, rbf)
             with nvtx.annotate("egnn/aggregate"):
-                logits, w = message_weights(self.alpha(extra), envelope, message_envelope)
-                agg = self.aggregate(logits, v * w.view(-1, 1, 1), dst, n)
+                agg = self.aggregate(self.alpha(extra), v * envelope.view(-1, 1, 1), dst, n)
             x = self._node_update(x, agg)
         with nvtx.annotate("egnn/edge_update"):
             xn = exchange(self.node_norm(x))
@@ -117,19 +104,17 @@ class InteractionLayer(nn.Module):
         """Inference with bounded memory: the same result as forward, but messages are built for one
         edge range at a time. Ranges must start and end on destination boundaries (edges are sorted
         by dst), so every softmax segment lies in one chunk. `edge_features(a, b)` returns
-        (D, rbf, envelope, message envelope or None) of edges a:b, recomputed per chunk instead of
-        stored for all edges."""
+        (D, rbf, envelope) of edges a:b, recomputed per chunk instead of stored for all edges."""
         n = x.shape[0]
         with nvtx.annotate("egnn/node_update"):
             xn = exchange(self.node_norm(x))
             agg = None
             for a, b in chunks:
-                D, rbf, env, menv = edge_features(a, b)
+                D, rbf, env = edge_features(a, b)
                 s, d = src[a:b], dst[a:b]
                 v, extra = self.node_msg(rot, D, xn.index_select(0, s), xn.index_select(0, d),
                                          self.edge_norm(e[a:b]), rbf)
-                logits, w = message_weights(self.alpha(extra), env, menv)
-                part = self.aggregate(logits, v * w.view(-1, 1, 1), d, n)
+                part = self.aggregate(self.alpha(extra), v * env.view(-1, 1, 1), d, n)
                 agg = part if agg is None else agg.add_(part)
                 if progress:
                     progress(0.5)
@@ -139,7 +124,7 @@ class InteractionLayer(nn.Module):
         with nvtx.annotate("egnn/edge_update"):
             xn = exchange(self.node_norm(x))
             for a, b in chunks:
-                D, rbf, env, _ = edge_features(a, b)
+                D, rbf, env = edge_features(a, b)
                 s, d = src[a:b], dst[a:b]
                 u, _ = self.edge_msg(rot, D, xn.index_select(0, s), xn.index_select(0, d),
                                      self.edge_norm(e[a:b]), rbf)
