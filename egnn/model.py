@@ -18,6 +18,7 @@ from .errors import ConfigError, InputError
 from .nn import (EdgeRotation, EquivariantLayerNorm, FeedForward, GaussianRBF, InteractionLayer, RadialMLP,
                  cosine_envelope)
 from .nn.fused import FusedInteractionLayer
+from .nn.layers import ATTENTION_MODES
 from .nn.reference import TwoCentreReference
 
 __all__ = ["ModelConfig", "HamiltonianModel", "OutputHead", "Encoded", "OutputChunk", "edge_chunks"]
@@ -52,6 +53,10 @@ class ModelConfig:
     # onsite sum over exponential radial features, egnn.nn.reference) fitted in closed form to the
     # training data; the network predicts the residual. "none": the network predicts H itself
     reference: str = "none"
+    # the node update's attention over incoming edges (egnn.nn.layers.attention_logits): "softmax" (the
+    # shipped models) or "smooth", envelope-weighted and so continuous when an edge leaves r_cut, at
+    # no cost and no loss of accuracy (docs/accuracy.md, R8); a checkpoint keeps the mode it was trained with
+    attention: str = "softmax"
 
     def __post_init__(self):
         if isinstance(self.basis, dict):
@@ -66,6 +71,8 @@ class ModelConfig:
             raise ConfigError(f"model: channels={self.channels} must be divisible by heads={self.heads}")
         if not self.r_cut > 0:
             raise ConfigError(f"model: r_cut must be > 0 Å, got {self.r_cut}")
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"model: attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.onsite not in ONSITE_MODES:
             raise ConfigError(f"model: onsite must be one of {ONSITE_MODES}, got {self.onsite!r}")
         if self.reference not in REFERENCES:
@@ -158,8 +165,8 @@ class HamiltonianModel(nn.Module):
         self.edge_src_embed = nn.Embedding(S, C)
         self.edge_dst_embed = nn.Embedding(S, C)
         layer_cls = FusedInteractionLayer if cfg.fused else InteractionLayer
-        self.layers = nn.ModuleList(layer_cls(cfg.lmax, cfg.mmax, C, cfg.hidden, cfg.heads, cfg.num_rbf)
-                                    for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(layer_cls(cfg.lmax, cfg.mmax, C, cfg.hidden, cfg.heads, cfg.num_rbf,
+                                              attention=cfg.attention) for _ in range(cfg.layers))
         self.node_norm = EquivariantLayerNorm(cfg.lmax, C)
         self.edge_norm = EquivariantLayerNorm(cfg.lmax, C)
         n_in = C * (cfg.layers + 1 if cfg.node_head_input == "all" else 1)

@@ -33,7 +33,7 @@ def model(dtype=torch.float64, seed=0, **kw):
 
 
 HEADS = [{}, {"onsite": "node+edges"}, {"node_head_input": "all"}, {"onsite": "node+edges", "node_head_input": "all"},
-         {"reference": "two_centre"}]
+         {"reference": "two_centre"}, {"attention": "smooth"}]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -149,11 +149,12 @@ def test_chunked_inference_equals_full_forward(heads):
     assert (n1 - n2).abs().max() < 1e-12 and (e1 - e2).abs().max() < 1e-12
 
 
-def test_fused_model_equals_reference_forward_and_gradients():
+@pytest.mark.parametrize("attention", ["softmax", "smooth"])
+def test_fused_model_equals_reference_forward_and_gradients(attention):
     _, g = hfo2()
-    ref = model(seed=5)
+    ref = model(seed=5, attention=attention)
     torch.manual_seed(5)
-    fused = HamiltonianModel(ModelConfig(basis=HFO2, r_cut=5.0, fused=True)).double()
+    fused = HamiltonianModel(ModelConfig(basis=HFO2, r_cut=5.0, fused=True, attention=attention)).double()
     fused.load_state_dict(ref.state_dict())
     outs = []
     for m in (ref, fused):
@@ -163,6 +164,31 @@ def test_fused_model_equals_reference_forward_and_gradients():
     assert (outs[0][0] - outs[1][0]).abs().max() < 1e-10 and (outs[0][1] - outs[1][1]).abs().max() < 1e-10
     for a, b in zip(outs[0][2], outs[1][2]):
         assert (a - b).abs().max() <= 1e-9 * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_smooth_attention_is_continuous_when_an_edge_leaves_r_cut(fused):
+    """An edge just inside r_cut (envelope ~1e-7) and the same graph without it: "smooth" attention
+    gives the same node blocks (what a user moving atoms across r_cut needs), "softmax" jumps, since
+    the edge still held its share of the normaliser."""
+    atoms = bulk("HfO2", "fluorite", 5.1, cubic=True)
+    atoms.rattle(0.1, seed=4)
+    g = radius_graph(atoms, 5.0)
+    sp, src, dst, vec = inputs(g)
+    k = int(vec.norm(dim=-1).argmax())
+    vec = vec.clone()
+    vec[k] *= (5.0 - 1e-3) / vec[k].norm()  # envelope 1 - cos(pi d / r_cut) ~ 2e-7
+    keep = torch.arange(len(src)) != k
+    jumps = {}
+    for attention in ("softmax", "smooth"):
+        m = model(attention=attention, fused=fused)
+        with torch.no_grad():
+            n0, _ = m(sp, src, dst, vec)
+            n1, _ = m(sp, src[keep], dst[keep], vec[keep])
+        jumps[attention] = ((n1 - n0)[dst[k]].abs().max() / n0[dst[k]].abs().max()).item()
+    assert jumps["smooth"] < 1e-5 < 1e-3 < jumps["softmax"], jumps
+    with pytest.raises(EgnnError, match="attention"):
+        ModelConfig(basis=HFO2, attention="sharp")
 
 
 def test_onsite_edge_head_sums_over_incoming_edges():

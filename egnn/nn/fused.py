@@ -19,7 +19,7 @@ import torch
 
 from .. import kernels
 from ..errors import InputError
-from .layers import InteractionLayer, _identity
+from .layers import InteractionLayer, _identity, attention_logits
 
 
 class _Recompute(torch.autograd.Function):
@@ -64,8 +64,9 @@ def recompute(run, inputs, params):
 
 
 class FusedInteractionLayer(InteractionLayer):
-    def __init__(self, lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels=32, backend: str = "auto"):
-        super().__init__(lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels, backend)
+    def __init__(self, lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels=32, backend: str = "auto",
+                 attention: str = "softmax"):
+        super().__init__(lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels, backend, attention)
         self.lmax, self.mmax = lmax, mmax
 
     def _node_messages(self, n, xn, en, rbf, envelope, src, dst, edge_vec):
@@ -73,7 +74,8 @@ class FusedInteractionLayer(InteractionLayer):
         h = kernels.rotate_to_edge(xn, en, src, dst, edge_vec, self.lmax, self.mmax, backend=self.backend)
         y, extra = blk.conv(h, blk.radial(rbf).unsqueeze(1))
         with nvtx.annotate("egnn/aggregate"):
-            return kernels.attention_aggregate(y * envelope.view(-1, 1, 1).to(y.dtype), self.alpha(extra), dst, n,
+            logits = attention_logits(self.alpha(extra), envelope, self.attention)
+            return kernels.attention_aggregate(y * envelope.view(-1, 1, 1).to(y.dtype), logits, dst, n,
                                                edge_vec, self.lmax, self.mmax, backend=self.backend)
 
     def _edge_messages(self, xn, en, rbf, src, dst, edge_vec):

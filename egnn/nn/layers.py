@@ -24,6 +24,20 @@ def _identity(x):
     return x
 
 
+ATTENTION_MODES = ("softmax", "smooth")
+
+
+def attention_logits(logits, envelope, mode: str):
+    """The node update's attention logits [E, heads]. "softmax" (the shipped models): every edge within
+    r_cut enters the softmax with exp(logit); its value fades with the envelope but its share of the
+    normaliser does not, so the node update jumps when an edge leaves r_cut (H9: ~0.7 meV in the
+    node blocks, docs/accuracy.md). "smooth": weights envelope · exp(logit) / Σ envelope · exp(logit),
+    continuous as an edge leaves (the 1e-12 floor: an edge at r_cut weighs nothing, no 0/0)."""
+    if mode == "softmax":
+        return logits
+    return logits + envelope.clamp_min(1e-12).log().to(logits.dtype).unsqueeze(-1)
+
+
 class FeedForward(nn.Module):
     """Per-node equivariant MLP: linear C -> H, gate, linear H -> out (C, or a count per l)."""
 
@@ -54,8 +68,10 @@ class MessageBlock(nn.Module):
 
 
 class InteractionLayer(nn.Module):
-    def __init__(self, lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels=32, backend: str = "auto"):
+    def __init__(self, lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels=32, backend: str = "auto",
+                 attention: str = "softmax"):
         super().__init__()
+        self.attention = attention
         self.node_norm = EquivariantLayerNorm(lmax, channels)
         self.edge_norm = EquivariantLayerNorm(lmax, channels)
         self.node_msg = MessageBlock(lmax, mmax, channels, hidden, num_rbf, extra_scalars=alpha_channels)
@@ -77,7 +93,8 @@ class InteractionLayer(nn.Module):
             en = self.edge_norm(e)
             v, extra = self.node_msg(rot, D, xn.index_select(0, src), xn.index_select(0, dst), en, rbf)
             with nvtx.annotate("egnn/aggregate"):
-                agg = self.aggregate(self.alpha(extra), v * envelope.view(-1, 1, 1), dst, n)
+                logits = attention_logits(self.alpha(extra), envelope, self.attention)
+                agg = self.aggregate(logits, v * envelope.view(-1, 1, 1), dst, n)
             x = self._node_update(x, agg)
         with nvtx.annotate("egnn/edge_update"):
             xn = exchange(self.node_norm(x))
@@ -114,7 +131,8 @@ class InteractionLayer(nn.Module):
                 s, d = src[a:b], dst[a:b]
                 v, extra = self.node_msg(rot, D, xn.index_select(0, s), xn.index_select(0, d),
                                          self.edge_norm(e[a:b]), rbf)
-                part = self.aggregate(self.alpha(extra), v * env.view(-1, 1, 1), d, n)
+                part = self.aggregate(attention_logits(self.alpha(extra), env, self.attention), v * env.view(-1, 1, 1),
+                                      d, n)
                 agg = part if agg is None else agg.add_(part)
                 if progress:
                     progress(0.5)
