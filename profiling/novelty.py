@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -32,25 +33,27 @@ def shell_descriptors(graph, elements, k: int, r_cut: float) -> np.ndarray:
     element (atomic numbers), over its incoming edges, padded with r_cut."""
     r = np.linalg.norm(graph.vec, axis=1)
     z_src = np.asarray(graph.numbers)[graph.src]
-    out = np.full((len(graph.numbers), len(elements), k), float(r_cut))
-    for i in range(len(graph.numbers)):
-        mine = graph.dst == i
-        for j, z in enumerate(elements):
-            d = np.sort(r[mine & (z_src == z)])[:k]
-            out[i, j, :len(d)] = d
-    return out.reshape(len(graph.numbers), -1)
+    n, out = len(graph.numbers), np.full((len(graph.numbers), len(elements), k), float(r_cut))
+    for j, z in enumerate(elements):
+        sel = z_src == z
+        dst, d = graph.dst[sel], r[sel]
+        order = np.lexsort((d, dst))  # by destination, nearest first: one pass over the edges
+        dst, d = dst[order], d[order]
+        rank = np.arange(len(dst)) - np.searchsorted(dst, dst)  # position within its destination
+        keep = rank < k
+        out[dst[keep], j, rank[keep]] = d[keep]
+    return out.reshape(n, -1)
 
 
 def novelty(train_desc, train_group, desc, group=None) -> np.ndarray:
     """Per row of desc, the distance to the nearest row of train_desc, leaving out the training rows
     of the same group (structure) when `group` is given."""
-    out = np.empty(len(desc))
-    for i, d in enumerate(desc):
-        dist = np.linalg.norm(train_desc - d, axis=1)
-        if group is not None:
-            dist = dist[train_group != group[i]]
-        out[i] = dist.min()
-    return out
+    tree = cKDTree(train_desc)
+    if group is None:
+        return tree.query(desc)[0]
+    # the nearest row of another group is among the (largest group + 1) nearest rows
+    dist, idx = tree.query(desc, k=np.bincount(train_group).max() + 1)
+    return np.where(train_group[idx] == np.asarray(group)[:, None], np.inf, dist).min(axis=1)
 
 
 def collect(model, runs, k, cache):

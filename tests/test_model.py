@@ -189,6 +189,9 @@ def test_smooth_attention_is_continuous_when_an_edge_leaves_r_cut(fused):
     assert jumps["smooth"] < 1e-5 < 1e-3 < jumps["softmax"], jumps
     with pytest.raises(EgnnError, match="attention"):
         ModelConfig(basis=HFO2, attention="sharp")
+    from egnn.nn import InteractionLayer
+    with pytest.raises(EgnnError, match="attention"):  # the layer alone, as users lift it, refuses it too
+        InteractionLayer(4, 4, 16, 32, 2, 32, attention="sharp")
 
 
 def test_onsite_edge_head_sums_over_incoming_edges():

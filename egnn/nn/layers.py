@@ -11,6 +11,7 @@ import nvtx
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..kernels.backend import check_backend
 from .activation import GateActivation
 from .attention import AttentionAggregation
@@ -71,6 +72,8 @@ class InteractionLayer(nn.Module):
     def __init__(self, lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels=32, backend: str = "auto",
                  attention: str = "softmax"):
         super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ConfigError(f"InteractionLayer: attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.attention = attention
         self.node_norm = EquivariantLayerNorm(lmax, channels)
         self.edge_norm = EquivariantLayerNorm(lmax, channels)
