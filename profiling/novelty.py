@@ -10,6 +10,11 @@ element (for the training atoms themselves: of another training structure). Prin
 element the mean error, the median novelty, the Spearman correlation of the two and the mean error
 in each novelty quartile. A rising row says the errors are those of environments the training data
 does not cover (more, or targeted, data); a flat one that they are not local-geometry novelty.
+
+Also the two greedy pickers of profiling/data_selection.py (geometry only): `pick_novel`, farthest-point
+by cell (the candidate whose atoms are the most novel on average joins the reference), and
+`pick_covering`, a facility location (the candidate that lowers the summed novelty of all candidate
+atoms most). Measured against random picks in docs/accuracy.md ("which cells"): neither beat random.
 """
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ import sys
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +33,12 @@ from site_potential import onsite_levels  # noqa: E402
 
 
 def shell_descriptors(graph, elements, k: int, r_cut: float) -> np.ndarray:
-    """[N, k · len(elements)]: per atom, the sorted distances to its k nearest neighbours of each
-    element (atomic numbers), over its incoming edges, padded with r_cut."""
+    """[N, k · len(elements)]: per atom of an egnn.graph.AtomGraph, the sorted distances to its k
+    nearest neighbours of each element (atomic numbers) over its incoming edges, padded with r_cut."""
     r = np.linalg.norm(graph.vec, axis=1)
     z_src = np.asarray(graph.numbers)[graph.src]
-    n, out = len(graph.numbers), np.full((len(graph.numbers), len(elements), k), float(r_cut))
+    n = len(graph.numbers)
+    out = np.full((n, len(elements), k), float(r_cut))
     for j, z in enumerate(elements):
         sel = z_src == z
         dst, d = graph.dst[sel], r[sel]
@@ -45,15 +50,108 @@ def shell_descriptors(graph, elements, k: int, r_cut: float) -> np.ndarray:
     return out.reshape(n, -1)
 
 
-def novelty(train_desc, train_group, desc, group=None) -> np.ndarray:
-    """Per row of desc, the distance to the nearest row of train_desc, leaving out the training rows
-    of the same group (structure) when `group` is given."""
-    tree = cKDTree(train_desc)
+def atoms_descriptors(atoms, elements, k: int = 8, r_cut: float = 8.0) -> np.ndarray:
+    """shell_descriptors of an ase.Atoms (its own radius graph)."""
+    from egnn.graph import radius_graph
+
+    return shell_descriptors(radius_graph(atoms, r_cut), elements, k, r_cut)
+
+
+def novelty(ref_desc, ref_group, desc, group=None) -> np.ndarray:
+    """Per row of desc, the distance to the nearest row of ref_desc, leaving out the reference rows of
+    the same group (structure) when `group` is given (how novel a training atom is among the others;
+    inf where no other group exists)."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(ref_desc)
     if group is None:
         return tree.query(desc)[0]
-    # the nearest row of another group is among the (largest group + 1) nearest rows
-    dist, idx = tree.query(desc, k=np.bincount(train_group).max() + 1)
-    return np.where(train_group[idx] == np.asarray(group)[:, None], np.inf, dist).min(axis=1)
+    # the nearest row of another group is among the (largest group + 1) nearest rows; cKDTree pads a
+    # query beyond the reference with index len(ref_desc) at distance inf, hence the extra group -1
+    dist, idx = tree.query(desc, k=np.bincount(ref_group).max() + 1)
+    own = np.append(np.asarray(ref_group), -1)[idx] == np.asarray(group)[:, None]
+    return np.where(own, np.inf, dist).min(axis=1)
+
+
+def _pool(candidates, reference, who: str, count: int):
+    """Candidate atoms flattened: numbers, float64 descriptors, owning candidate, and each atom's
+    novelty against the reference (inf for an element the reference lacks)."""
+    if not 0 <= count <= len(candidates):
+        raise ValueError(f"{who}: count {count} outside 0..{len(candidates)} candidates")
+    numbers = np.concatenate([np.asarray(n, dtype=np.int64) for n, _ in candidates] or [np.zeros(0, np.int64)])
+    desc = np.concatenate([np.asarray(d, dtype=np.float64) for _, d in candidates] or [np.zeros((0, 0))])
+    owner = np.repeat(np.arange(len(candidates)), [len(n) for n, _ in candidates])
+    near = np.full(len(numbers), np.inf)
+    for z in np.unique(numbers):
+        rows = numbers == z
+        if len(reference.get(z, ())):
+            near[rows] = novelty(np.asarray(reference[z], dtype=np.float64), None, desc[rows])
+    return numbers, desc, owner, near
+
+
+def _capped(near: np.ndarray) -> np.ndarray:
+    """Uncovered atoms (inf: their element is in neither the reference nor the picks yet) count as far
+    as the farthest covered atom; with nothing covered every atom counts 1, i.e. all alike."""
+    finite = near[np.isfinite(near)]
+    return np.where(np.isfinite(near), near, finite.max() if len(finite) else 1.0)
+
+
+def pick_novel(candidates, reference, count: int) -> list[int]:
+    """Indices of `count` candidates, in pick order: greedily the candidate whose atoms are the most
+    novel on average, after which its atoms join the reference (farthest-point sampling by cell).
+
+    candidates: list of (numbers [n], descriptors [n, D]) per candidate structure; reference: dict
+    atomic number -> [m, D] descriptors of the atoms already in the data. An atom of an element the
+    reference lacks counts as far as the farthest atom that has a neighbour of its element there
+    (with an empty reference the first pick is candidate 0, then farthest-point). Ties go to the lower
+    index, so the result is a pure function of the inputs."""
+    from scipy.spatial import cKDTree
+
+    numbers, desc, owner, near = _pool(candidates, reference, "pick_novel", count)
+    sizes = np.maximum(np.bincount(owner, minlength=len(candidates)), 1)
+    picked: list[int] = []
+    for _ in range(count):
+        score = np.bincount(owner, weights=_capped(near), minlength=len(candidates)) / sizes
+        score[picked] = -np.inf
+        c = int(np.argmax(score))
+        picked.append(c)
+        for z in np.unique(numbers[owner == c]):  # the picked atoms join the reference
+            rows = numbers == z
+            d = cKDTree(desc[(owner == c) & rows]).query(desc[rows])[0]
+            near[rows] = np.minimum(near[rows], d)
+    return picked
+
+
+def pick_covering(candidates, reference, count: int, chunk: int = 1024) -> list[int]:
+    """Indices of `count` candidates, in pick order, that cover the candidates' own environments best:
+    greedily, the one that lowers the summed novelty of *all* candidate atoms the most (a facility
+    location), so the picks are typical of the pool rather than its outliers. Same inputs and rules as
+    pick_novel (with nothing to compare, the first pick is the most central cell). Memory: one
+    [atoms of an element, candidates] float64 array per element."""
+    numbers, desc, owner, near = _pool(candidates, reference, "pick_covering", count)
+    cover = {}  # per element: distance of each candidate atom to the nearest atom of each candidate
+    for z in np.unique(numbers):
+        rows = numbers == z
+        x, own = desc[rows] - desc[rows].mean(0), owner[rows]  # centred: |x|² small, the expansion exact
+        has = np.unique(own)
+        starts = np.searchsorted(own, has)  # own is sorted: a candidate's atoms are contiguous
+        m = np.full((len(x), len(candidates)), np.inf)
+        sq = (x * x).sum(1)
+        for a in range(0, len(x), chunk):
+            d2 = sq[a:a + chunk, None] + sq[None] - 2 * x[a:a + chunk] @ x.T
+            m[a:a + chunk, has] = np.minimum.reduceat(np.sqrt(np.maximum(d2, 0)), starts, axis=1)
+        cover[z] = (rows, m)
+    picked: list[int] = []
+    for _ in range(count):
+        now = _capped(near)
+        gain = sum(np.maximum(now[rows, None] - m, 0).sum(0) for rows, m in cover.values())
+        gain = np.asarray(gain, dtype=np.float64) + np.zeros(len(candidates))
+        gain[picked] = -np.inf
+        c = int(np.argmax(gain))
+        picked.append(c)
+        for rows, m in cover.values():
+            near[rows] = np.minimum(near[rows], m[:, c])
+    return picked
 
 
 def collect(model, runs, k, cache):

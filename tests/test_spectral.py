@@ -198,39 +198,6 @@ def test_site_potential_probe_gives_the_madelung_potential_of_rocksalt():
     assert np.allclose(phi[na], madelung, rtol=0.015) and np.allclose(phi[~na], -madelung, rtol=0.015)
 
 
-def test_novelty_probe_descriptors_are_invariant_and_leave_out_the_own_structure():
-    """profiling/novelty.py: an atom's shell descriptor (sorted distances to its k nearest neighbours
-    of each element) does not change when the cell is rotated and shifted, and a training atom's
-    novelty is its distance to the nearest atom of another structure, not to itself."""
-    import sys
-
-    from ase.build import bulk
-
-    from egnn.graph import radius_graph
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "profiling"))
-    from novelty import novelty, shell_descriptors
-
-    def desc(atoms):
-        return shell_descriptors(radius_graph(atoms, 6.0), [8, 72], 4, 6.0)
-
-    a = bulk("HfO2", "fluorite", 5.1, cubic=True)
-    a.rattle(0.1, seed=1)
-    b = a.copy()
-    b.rotate(37, (1, 2, 3), rotate_cell=True)
-    b.translate((0.3, -1.2, 2.0))
-    da, db = desc(a), desc(b)
-    assert np.allclose(da, db, atol=1e-10)
-    assert (np.diff(da.reshape(len(a), 2, 4), axis=-1) >= 0).all() and da.max() < 6.0
-    c = bulk("HfO2", "fluorite", 5.1, cubic=True)
-    c.rattle(0.1, seed=2)
-    dc = desc(c)
-    train, group = np.concatenate([da, dc]), np.repeat([0, 1], len(a))
-    assert np.allclose(novelty(train, group, da), 0.0)
-    brute = np.linalg.norm(da[:, None] - dc[None], axis=-1).min(1)
-    assert np.allclose(novelty(train, group, da, np.zeros(len(a), int)), brute) and brute.min() > 0
-
-
 GETE = os.path.join(FIX, "gete_rs8_rattled_s0003")  # DZVP: S(Γ) has near-null directions (~5e-3)
 
 
