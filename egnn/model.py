@@ -18,7 +18,7 @@ from .errors import ConfigError, InputError
 from .nn import (EdgeRotation, EquivariantLayerNorm, FeedForward, GaussianRBF, InteractionLayer, RadialMLP,
                  cosine_envelope)
 from .nn.fused import FusedInteractionLayer
-from .nn.layers import ATTENTION_MODES
+from .nn.layers import check_attention
 from .nn.reference import TwoCentreReference
 
 __all__ = ["ModelConfig", "HamiltonianModel", "OutputHead", "Encoded", "OutputChunk", "edge_chunks"]
@@ -71,8 +71,7 @@ class ModelConfig:
             raise ConfigError(f"model: channels={self.channels} must be divisible by heads={self.heads}")
         if not self.r_cut > 0:
             raise ConfigError(f"model: r_cut must be > 0 Å, got {self.r_cut}")
-        if self.attention not in ATTENTION_MODES:
-            raise ConfigError(f"model: attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        check_attention(self.attention, "model")
         if self.onsite not in ONSITE_MODES:
             raise ConfigError(f"model: onsite must be one of {ONSITE_MODES}, got {self.onsite!r}")
         if self.reference not in REFERENCES:

@@ -42,9 +42,14 @@ def _runs(pattern):
     return [read_run(d, matrices=()).atoms for d in found]
 
 
-def _by_element(cells):
-    descs = [(a.numbers, atoms_descriptors(a, Z)) for a in cells]
-    return descs, {z: np.concatenate([d[n == z] for n, d in descs]) for z in Z}
+def _describe(cells):
+    """(numbers, descriptors) per cell."""
+    return [(a.numbers, atoms_descriptors(a, Z)) for a in cells]
+
+
+def _stack(descs):
+    """atomic number -> [atoms, D] over (numbers, descriptors) pairs."""
+    return {z: np.concatenate([d[n == z] for n, d in descs]) for z in Z}
 
 
 def main(argv=None) -> int:
@@ -53,21 +58,20 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=40)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    base = _runs(os.path.join(SHARED, "hfo2_kp", "hfo2_m12_rattled_s00[01]?")) + \
-        _runs(os.path.join(GENERATED, "hfo2_m12_d17s", "hfo2_m12_d17s_s*"))
-    held = {n: _by_element(_runs(os.path.join(GENERATED, f"hfo2_{n}", f"hfo2_{n}_s*")))[1]
+    # described once: every arm is these cells plus its picks from the pool
+    base = _describe(_runs(os.path.join(SHARED, "hfo2_kp", "hfo2_m12_rattled_s00[01]?")) +
+                     _runs(os.path.join(GENERATED, "hfo2_m12_d17s", "hfo2_m12_d17s_s*")))
+    held = {n: _stack(_describe(_runs(os.path.join(GENERATED, f"hfo2_{n}", f"hfo2_{n}_s*"))))
             for n in ("m12_val", "m24_val")}
-    pool_cells = [make_structure(POOL_FAMILY, s) for s in range(a.pool)]
-    pool, pool_rows = _by_element(pool_cells)
-    ref = _by_element(base)[1]
+    pool = _describe(make_structure(POOL_FAMILY, s) for s in range(a.pool))
+    pool_rows, ref = _stack(pool), _stack(base)
     arms = {"random": list(range(a.count)), "novel": pick_novel(pool, ref, a.count),
             "covering": pick_covering(pool, ref, a.count)}
     out = {"pool": a.pool, "count": a.count, "reference_cells": len(base), "arms": {}}
     print(f"{'arm':9s}" + "".join(f"{n} {el} med/q90".rjust(22) for n in held for el in ("O", "Hf"))
           + "   pool mean O / Hf")
     for arm, picks in [("none", [])] + list(arms.items()):
-        cells = base + [pool_cells[i] for i in picks]
-        r = _by_element(cells)[1]
+        r = _stack(base + [pool[i] for i in picks])
         row = {"seeds": sorted(picks)}
         line = f"{arm:9s}"
         for n, h in held.items():

@@ -143,9 +143,9 @@ def pick_covering(candidates, reference, count: int, chunk: int = 1024) -> list[
         cover[z] = (rows, m)
     picked: list[int] = []
     for _ in range(count):
-        now = _capped(near)
-        gain = sum(np.maximum(now[rows, None] - m, 0).sum(0) for rows, m in cover.values())
-        gain = np.asarray(gain, dtype=np.float64) + np.zeros(len(candidates))
+        now, gain = _capped(near), np.zeros(len(candidates))
+        for rows, m in cover.values():
+            gain += np.maximum(now[rows, None] - m, 0).sum(0)
         gain[picked] = -np.inf
         c = int(np.argmax(gain))
         picked.append(c)
@@ -176,7 +176,8 @@ def collect(model, runs, k, cache):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--train", required=True, help="the training config whose data.train atoms the novelty is measured against")
+    p.add_argument("--train", required=True,
+                   help="the training config whose data.train atoms the novelty is measured against")
     p.add_argument("--split", action="append", choices=sorted(SPLITS))
     p.add_argument("-k", type=int, default=8, help="neighbours per element in the descriptor")
     p.add_argument("--out", default=None)

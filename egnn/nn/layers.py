@@ -28,6 +28,11 @@ def _identity(x):
 ATTENTION_MODES = ("softmax", "smooth")
 
 
+def check_attention(mode: str, where: str) -> None:
+    if mode not in ATTENTION_MODES:
+        raise ConfigError(f"{where}: attention must be one of {ATTENTION_MODES}, got {mode!r}")
+
+
 def attention_logits(logits, envelope, mode: str):
     """The node update's attention logits [E, heads]. "softmax" (the shipped models): every edge within
     r_cut enters the softmax with exp(logit); its value fades with the envelope but its share of the
@@ -72,8 +77,7 @@ class InteractionLayer(nn.Module):
     def __init__(self, lmax, mmax, channels, hidden, heads, num_rbf, alpha_channels=32, backend: str = "auto",
                  attention: str = "softmax"):
         super().__init__()
-        if attention not in ATTENTION_MODES:
-            raise ConfigError(f"InteractionLayer: attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        check_attention(attention, "InteractionLayer")
         self.attention = attention
         self.node_norm = EquivariantLayerNorm(lmax, channels)
         self.edge_norm = EquivariantLayerNorm(lmax, channels)
@@ -134,8 +138,8 @@ class InteractionLayer(nn.Module):
                 s, d = src[a:b], dst[a:b]
                 v, extra = self.node_msg(rot, D, xn.index_select(0, s), xn.index_select(0, d),
                                          self.edge_norm(e[a:b]), rbf)
-                part = self.aggregate(attention_logits(self.alpha(extra), env, self.attention), v * env.view(-1, 1, 1),
-                                      d, n)
+                logits = attention_logits(self.alpha(extra), env, self.attention)
+                part = self.aggregate(logits, v * env.view(-1, 1, 1), d, n)
                 agg = part if agg is None else agg.add_(part)
                 if progress:
                     progress(0.5)
