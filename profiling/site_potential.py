@@ -4,15 +4,24 @@
         --train configs/hfo2_szv_full.yaml [--split m12_val ...] [--charges Hf=4,O=-2] [--out JSON]
 
 Per atom: the onsite level errors (diagonal of the predicted minus the DFT onsite block, per
-orbital) and a Wolf-summed point-charge potential of formal charges over the atom's own incoming
-edges (r < r_cut: φ_i = k_e {Σ_j q_j [erfc(α r_ij)/r_ij − erfc(α r_c)/r_c] − q_i [erfc(α r_c)/r_c +
-2α/√π]}, the damped, shifted Coulomb sum whose charge-neutral sphere converges like Ewald's sum:
-rocksalt's Madelung potential within 1.5 % at r_c = 8 Å, α = 0.2/Å). It prints, per split and
-element: how the DFT onsite levels follow φ (correlation), how the model's level errors do, and
-what a linear correction c·φ + b per (element, orbital) does to the held-out errors when it is
-fitted on the training atoms (what a site-potential term in the model could at best learn from
-them) and when it is fitted on the held-out atoms themselves (an upper bound). Local to each
-atom's incoming edges, so a term like this would need no global step in the distributed scheme.
+orbital) and two point-charge potentials of formal charges:
+
+* φ, Wolf-summed over the atom's own incoming edges (r < r_cut: φ_i = k_e {Σ_j q_j [erfc(α r_ij)/r_ij
+  − erfc(α r_c)/r_c] − q_i [erfc(α r_c)/r_c + 2α/√π]}, the damped, shifted Coulomb sum whose
+  charge-neutral sphere converges like Ewald's sum: rocksalt's Madelung potential within 1.5 % at
+  r_c = 8 Å, α = 0.2/Å). Local: what a model with that reach can know.
+* φ_long, the reciprocal-space term of the Ewald sum with splitting α_long = 0.25/Å, (4π k_e / V)
+  Σ_{k≠0} exp(−k²/4α²)/k² Re[S(k) e^{−ik·r_i}]: the potential of wavelengths ≳ 2π/(2α) ≈ 12 Å,
+  which only cells longer than that can hold (12-atom HfO2 cells, 5 Å across: RMS ~15 meV; one
+  axis doubled: ~1 eV). A model trained on cells without it cannot learn it.
+
+It prints, per split and element: how the DFT onsite levels follow φ (correlation), how the model's
+level errors follow φ and φ_long, the slope of the mean level error on φ_long (a screened,
+orbital-independent shift has one slope per element), and what a linear correction c·φ + b per
+(element, orbital) does to the held-out errors when it is fitted on the training atoms (what a
+site-potential term in the model could at best learn from them) and when it is fitted on the
+held-out atoms themselves (an upper bound; the same bound for φ_long in the last column). φ is
+local to each atom's incoming edges (no global step in the distributed scheme); φ_long is not.
 """
 from __future__ import annotations
 
@@ -44,6 +53,26 @@ def wolf_potential(x, charges: dict, alpha: float, r_cut: float) -> np.ndarray:
     return KE * phi
 
 
+def long_wavelength_potential(positions, cell, q, alpha: float = 0.25, tol: float = 1e-10) -> np.ndarray:
+    """φ_long [N] in eV: the reciprocal-space term of the Ewald sum of point charges q [N] (neutral) in
+    the periodic cell, over every k ≠ 0 whose Gaussian factor exceeds `tol` of the largest."""
+    cell = np.asarray(cell, dtype=float)
+    V = abs(np.linalg.det(cell))
+    B = 2 * np.pi * np.linalg.inv(cell).T  # reciprocal vectors as rows
+    # |k| up to 2α·sqrt(ln 1/tol) covers every kept term: n_i ≤ that / (2π / |a_i|)
+    kmax = 2 * alpha * np.sqrt(np.log(1 / tol))
+    n = [int(np.ceil(kmax * np.linalg.norm(a) / (2 * np.pi))) for a in cell]
+    grid = np.stack(np.meshgrid(*[np.arange(-m, m + 1) for m in n], indexing="ij"), -1).reshape(-1, 3)
+    k = grid[np.any(grid != 0, axis=1)] @ B
+    k2 = (k * k).sum(1)
+    w = np.exp(-k2 / (4 * alpha**2)) / k2
+    keep = w > tol * w.max()
+    k, w = k[keep], w[keep]
+    phase = np.asarray(positions, dtype=float) @ k.T  # [N, K]
+    S = (np.asarray(q, dtype=float)[:, None] * np.exp(1j * phase)).sum(0)
+    return KE * 4 * np.pi / V * (w * np.real(S * np.exp(-1j * phase))).sum(1)
+
+
 @torch.no_grad()
 def onsite_levels(model, x):
     """(element per atom, predicted − DFT onsite diagonal per atom [list of arrays], DFT diagonal)."""
@@ -73,7 +102,10 @@ def onsite_levels(model, x):
 
 
 def collect(model, runs, charges, alpha, cache) -> dict:
-    """{element: (φ [n], level errors [n, orbitals], DFT levels [n, orbitals])} over the runs' atoms."""
+    """{element: (φ [n], level errors [n, orbitals], DFT levels [n, orbitals], φ_long [n])} over the runs'
+    atoms."""
+    from ase.data import chemical_symbols
+
     from egnn.evaluate import _iter_samples
     from egnn.train import open_datasets
 
@@ -81,10 +113,13 @@ def collect(model, runs, charges, alpha, cache) -> dict:
     r_cut = float(model.config.r_cut)
     for x, _, _ in _iter_samples(open_datasets(runs, r_cut, cache), model):
         phi = wolf_potential(x, charges, alpha, r_cut)
+        g = x.graph
+        q = np.array([charges[chemical_symbols[z]] for z in np.asarray(g.numbers)])
+        phi_long = long_wavelength_potential(g.positions, g.cell, q)
         els, err, dft = onsite_levels(model, x)
-        for a, p, e, d in zip(els, phi, err, dft):
-            rows.setdefault(a, []).append((p, e, d))
-    return {a: tuple(np.array([r[i] for r in v]) for i in range(3)) for a, v in rows.items()}
+        for a, p, e, d, pl in zip(els, phi, err, dft, phi_long):
+            rows.setdefault(a, []).append((p, e, d, pl))
+    return {a: tuple(np.array([r[i] for r in v]) for i in range(4)) for a, v in rows.items()}
 
 
 def linear_fix(phi, err):
@@ -109,21 +144,30 @@ def main(argv=None) -> int:
     cache = default_cache_dir()
     model = model_from_checkpoint(a.checkpoint)
     train = collect(model, flatten_paths(load_config(a.train).data["train"]), charges, a.alpha, cache)
-    fits = {el: linear_fix(phi, err) for el, (phi, err, _) in train.items()}
+    fits = {el: linear_fix(phi, err) for el, (phi, err, _, _) in train.items()}
     out = {}
-    print(f"{'split':8s}{'el':>3s}{'atoms':>6s}  corr(φ, DFT level)  corr(φ, error)  "
-          f"mean |level error| meV: as is / − fit on training atoms / − fit on these atoms")
+    print(f"{'split':8s}{'el':>3s}{'atoms':>6s}  corr(φ, DFT level)  corr(φ, error)  RMS φ_long meV  "
+          f"corr(φ_long, error)  slope  mean |level error| meV: as is / − fit on training atoms / − fit on "
+          "these atoms / − φ_long fit on these atoms")
     for split in a.split or ["m12_val", "m24_val", "m96"]:
-        for el, (phi, err, dft) in collect(model, SPLITS[split](), charges, a.alpha, cache).items():
+        for el, (phi, err, dft, pl) in collect(model, SPLITS[split](), charges, a.alpha, cache).items():
             X = np.stack([phi, np.ones_like(phi)], 1)
+            XL = np.stack([pl, np.ones_like(pl)], 1)
+            lev = err.mean(1)
             row = {"atoms": len(phi), "corr_phi_dft": float(np.corrcoef(phi, dft.mean(1))[0, 1]),
-                   "corr_phi_err": float(np.corrcoef(phi, err.mean(1))[0, 1]),
+                   "corr_phi_err": float(np.corrcoef(phi, lev)[0, 1]),
+                   "rms_phi_long_meV": 1000 * float(pl.std()),
+                   "corr_phi_long_err": float(np.corrcoef(pl, lev)[0, 1]),
+                   "slope_phi_long": float(linear_fix(pl, lev)[0]),
                    "level_err_meV": 1000 * float(np.abs(err).mean()),
                    "after_train_fit_meV": 1000 * float(np.abs(err - X @ fits[el]).mean()),
-                   "after_oracle_fit_meV": 1000 * float(np.abs(err - X @ linear_fix(phi, err)).mean())}
+                   "after_oracle_fit_meV": 1000 * float(np.abs(err - X @ linear_fix(phi, err)).mean()),
+                   "after_long_oracle_fit_meV": 1000 * float(np.abs(err - XL @ linear_fix(pl, err)).mean())}
             out.setdefault(split, {})[el] = row
             print(f"{split:8s}{el:>3s}{row['atoms']:6d}  {row['corr_phi_dft']:+18.2f}  {row['corr_phi_err']:+14.2f}  "
-                  f"{row['level_err_meV']:6.0f} / {row['after_train_fit_meV']:6.0f} / {row['after_oracle_fit_meV']:6.0f}")
+                  f"{row['rms_phi_long_meV']:14.0f}  {row['corr_phi_long_err']:+19.2f}  {row['slope_phi_long']:+5.2f}  "
+                  f"{row['level_err_meV']:6.0f} / {row['after_train_fit_meV']:6.0f} / {row['after_oracle_fit_meV']:6.0f}"
+                  f" / {row['after_long_oracle_fit_meV']:6.0f}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"checkpoint": a.checkpoint, "charges": charges, "alpha": a.alpha, **out}, f, indent=1)
