@@ -11,17 +11,18 @@ orbital) and two point-charge potentials of formal charges:
   charge-neutral sphere converges like Ewald's sum: rocksalt's Madelung potential within 1.5 % at
   r_c = 8 Å, α = 0.2/Å). Local: what a model with that reach can know.
 * φ_long, the reciprocal-space term of the Ewald sum with splitting α_long = 0.25/Å, (4π k_e / V)
-  Σ_{k≠0} exp(−k²/4α²)/k² Re[S(k) e^{−ik·r_i}]: the potential of wavelengths ≳ 2π/(2α) ≈ 12 Å,
-  which only cells longer than that can hold (12-atom HfO2 cells, 5 Å across: RMS ~15 meV; one
-  axis doubled: ~1 eV). A model trained on cells without it cannot learn it.
+  Σ_{k≠0} exp(−k²/4α²)/k² Re[S(k) e^{−ik·r_i}]: the potential of wavelengths ≳ 10 Å (weight 1/e at
+  12.6 Å), which only cells about that long can hold (12-atom HfO2 cells, 5 Å across: RMS ~15 meV;
+  one axis doubled: ~1 eV). A model trained on cells without it cannot learn it.
 
 It prints, per split and element: how the DFT onsite levels follow φ (correlation), how the model's
 level errors follow φ and φ_long, the slope of the mean level error on φ_long (a screened,
 orbital-independent shift has one slope per element), and what a linear correction c·φ + b per
 (element, orbital) does to the held-out errors when it is fitted on the training atoms (what a
 site-potential term in the model could at best learn from them) and when it is fitted on the
-held-out atoms themselves (an upper bound; the same bound for φ_long in the last column). φ is
-local to each atom's incoming edges (no global step in the distributed scheme); φ_long is not.
+held-out atoms themselves (an upper bound); for φ_long, the offset b alone and c·φ_long + b, both
+fitted on the held-out atoms, so that φ_long's own share is their difference. φ is local to each
+atom's incoming edges (no global step in the distributed scheme); φ_long is not.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accuracy_splits import SPLITS  # noqa: E402
 
 KE = 14.399645  # e² / (4π ε0), eV·Å
+ALPHA_LONG = 0.25  # 1/Å: φ_long holds wavelengths ≳ 10 Å (Gaussian weight 1/e at 2π/(2α) = 12.6 Å)
 
 
 def wolf_potential(x, charges: dict, alpha: float, r_cut: float) -> np.ndarray:
@@ -53,24 +55,38 @@ def wolf_potential(x, charges: dict, alpha: float, r_cut: float) -> np.ndarray:
     return KE * phi
 
 
-def long_wavelength_potential(positions, cell, q, alpha: float = 0.25, tol: float = 1e-10) -> np.ndarray:
+def long_wavelength_potential(positions, cell, q, alpha: float = ALPHA_LONG, tol: float = 1e-10) -> np.ndarray:
     """φ_long [N] in eV: the reciprocal-space term of the Ewald sum of point charges q [N] (neutral) in
-    the periodic cell, over every k ≠ 0 whose Gaussian factor exceeds `tol` of the largest."""
+    the periodic cell, (4π k_e / V) Σ_{k≠0} exp(−k²/4α²)/k² Re[S(k) e^{−ik·r_i}], over every k whose
+    Gaussian factor exceeds `tol` (|k| ≤ 2α·sqrt(ln 1/tol); |n_i| ≤ |k|·|a_i|/2π bounds the grid in
+    any cell). k and −k give the same term: half of them, doubled."""
     cell = np.asarray(cell, dtype=float)
     V = abs(np.linalg.det(cell))
     B = 2 * np.pi * np.linalg.inv(cell).T  # reciprocal vectors as rows
-    # |k| up to 2α·sqrt(ln 1/tol) covers every kept term: n_i ≤ that / (2π / |a_i|)
     kmax = 2 * alpha * np.sqrt(np.log(1 / tol))
     n = [int(np.ceil(kmax * np.linalg.norm(a) / (2 * np.pi))) for a in cell]
     grid = np.stack(np.meshgrid(*[np.arange(-m, m + 1) for m in n], indexing="ij"), -1).reshape(-1, 3)
-    k = grid[np.any(grid != 0, axis=1)] @ B
+    grid = grid[[tuple(g) > (0, 0, 0) for g in grid]]  # one of each ±k pair
+    k = grid @ B
     k2 = (k * k).sum(1)
-    w = np.exp(-k2 / (4 * alpha**2)) / k2
-    keep = w > tol * w.max()
-    k, w = k[keep], w[keep]
-    phase = np.asarray(positions, dtype=float) @ k.T  # [N, K]
-    S = (np.asarray(q, dtype=float)[:, None] * np.exp(1j * phase)).sum(0)
-    return KE * 4 * np.pi / V * (w * np.real(S * np.exp(-1j * phase))).sum(1)
+    gauss = np.exp(-k2 / (4 * alpha**2))
+    k, w = k[gauss > tol], (gauss / k2)[gauss > tol]
+    e = np.exp(1j * (np.asarray(positions, dtype=float) @ k.T))  # [N, K]
+    S = np.asarray(q, dtype=float) @ e
+    return KE * 8 * np.pi / V * (np.real(S * e.conj()) @ w)
+
+
+def ewald_potential(atoms, q, alpha: float = 0.3, real_cut: float = 12.0) -> np.ndarray:
+    """φ [N] in eV of point charges q in the periodic cell of `atoms`: erfc-screened real space over
+    edges within real_cut (erfc(α·real_cut) ≈ 2e-7 at the defaults), φ_long and the self term."""
+    from egnn.graph import radius_graph
+
+    g = radius_graph(atoms, real_cut)
+    r = np.linalg.norm(g.vec, axis=1)
+    real = np.zeros(len(q))
+    np.add.at(real, g.dst, q[g.src] * erfc(alpha * r) / r)
+    phi_long = long_wavelength_potential(atoms.positions, atoms.cell, q, alpha)
+    return KE * (real - 2 * alpha / np.sqrt(np.pi) * q) + phi_long
 
 
 @torch.no_grad()
@@ -128,6 +144,10 @@ def linear_fix(phi, err):
     return np.linalg.lstsq(X, err, rcond=None)[0]
 
 
+LEVEL_COLUMNS = ("level_err_meV", "after_train_fit_meV", "after_oracle_fit_meV", "after_offset_meV",
+                 "after_long_oracle_fit_meV")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
@@ -147,8 +167,8 @@ def main(argv=None) -> int:
     fits = {el: linear_fix(phi, err) for el, (phi, err, _, _) in train.items()}
     out = {}
     print(f"{'split':8s}{'el':>3s}{'atoms':>6s}  corr(φ, DFT level)  corr(φ, error)  RMS φ_long meV  "
-          f"corr(φ_long, error)  slope  mean |level error| meV: as is / − fit on training atoms / − fit on "
-          "these atoms / − φ_long fit on these atoms")
+          "corr(φ_long, error)  slope  mean |level error| meV: as is / − c·φ + b fitted on training atoms / on "
+          "these atoms / − b on these atoms / − c·φ_long + b on these atoms")
     for split in a.split or ["m12_val", "m24_val", "m96"]:
         for el, (phi, err, dft, pl) in collect(model, SPLITS[split](), charges, a.alpha, cache).items():
             X = np.stack([phi, np.ones_like(phi)], 1)
@@ -162,15 +182,16 @@ def main(argv=None) -> int:
                    "level_err_meV": 1000 * float(np.abs(err).mean()),
                    "after_train_fit_meV": 1000 * float(np.abs(err - X @ fits[el]).mean()),
                    "after_oracle_fit_meV": 1000 * float(np.abs(err - X @ linear_fix(phi, err)).mean()),
+                   "after_offset_meV": 1000 * float(np.abs(err - err.mean(0)).mean()),
                    "after_long_oracle_fit_meV": 1000 * float(np.abs(err - XL @ linear_fix(pl, err)).mean())}
             out.setdefault(split, {})[el] = row
             print(f"{split:8s}{el:>3s}{row['atoms']:6d}  {row['corr_phi_dft']:+18.2f}  {row['corr_phi_err']:+14.2f}  "
                   f"{row['rms_phi_long_meV']:14.0f}  {row['corr_phi_long_err']:+19.2f}  {row['slope_phi_long']:+5.2f}  "
-                  f"{row['level_err_meV']:6.0f} / {row['after_train_fit_meV']:6.0f} / {row['after_oracle_fit_meV']:6.0f}"
-                  f" / {row['after_long_oracle_fit_meV']:6.0f}")
+                  + " / ".join(f"{row[k]:6.0f}" for k in LEVEL_COLUMNS))
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"checkpoint": a.checkpoint, "charges": charges, "alpha": a.alpha, **out}, f, indent=1)
+            json.dump({"checkpoint": a.checkpoint, "charges": charges, "alpha": a.alpha, "alpha_long": ALPHA_LONG,
+                       **out}, f, indent=1)
     return 0
 
 
