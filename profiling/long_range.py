@@ -21,35 +21,26 @@ import os
 import sys
 
 import numpy as np
-from scipy.special import erfc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_json  # noqa: E402
-from site_potential import KE, ewald_potential  # noqa: E402
+from site_potential import ewald_potential, formal_charges, wolf_potential  # noqa: E402
 
 CHARGES = {"Hf": 4.0, "O": -2.0}
 ALPHA_WOLF = (0.05, 0.1, 0.15, 0.2)  # 1/Å
 
 
-def within(atoms, q, reach: float, alpha: float) -> np.ndarray:
-    """The Wolf sum [N] in eV over the neighbours within `reach` (a pair sum a model of that reach can form)."""
-    from egnn.graph import radius_graph
-
-    g = radius_graph(atoms, reach)
-    r = np.linalg.norm(g.vec, axis=1)
-    w = np.zeros(len(q))
-    np.add.at(w, g.dst, q[g.src] * (erfc(alpha * r) / r - erfc(alpha * reach) / reach))
-    return KE * (w - q * (erfc(alpha * reach) / reach + 2 * alpha / np.sqrt(np.pi)))
-
-
 def beyond_reach(atoms, reach: float) -> dict:
     """{element: RMS meV of φ − the best Wolf sum within reach}, {element: RMS meV of φ}, best α_w."""
-    q = np.array([CHARGES[s] for s in atoms.get_chemical_symbols()])
+    from egnn.graph import radius_graph
+
+    q = formal_charges(atoms.numbers, CHARGES)
     phi = ewald_potential(atoms, q)
+    graph = radius_graph(atoms, reach)  # once for every damping tried
     els = np.array(atoms.get_chemical_symbols())
     best = None
     for alpha in ALPHA_WOLF:
-        rest = phi - within(atoms, q, reach, alpha)
+        rest = phi - wolf_potential(graph, q, alpha, reach)
         rms = {el: 1000 * float(rest[els == el].std()) for el in CHARGES}
         if best is None or sum(rms.values()) < sum(best[0].values()):
             best = (rms, alpha)

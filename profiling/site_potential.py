@@ -42,17 +42,28 @@ KE = 14.399645  # e² / (4π ε0), eV·Å
 ALPHA_LONG = 0.25  # 1/Å: φ_long holds wavelengths ≳ 10 Å (Gaussian weight 1/e at 2π/(2α) = 12.6 Å)
 
 
-def wolf_potential(x, charges: dict, alpha: float, r_cut: float) -> np.ndarray:
-    """φ [N] in eV of formal charges, summed over each atom's incoming edges of the sample's graph."""
+def _screened_sum(graph, q, alpha: float) -> np.ndarray:
+    """Σ_j q_j erfc(α r_ij)/r_ij [N] over each atom's incoming edges of an egnn.graph.AtomGraph."""
+    r = np.linalg.norm(graph.vec, axis=1)
+    out = np.zeros(len(q))
+    np.add.at(out, graph.dst, q[graph.src] * erfc(alpha * r) / r)
+    return out
+
+
+def wolf_potential(graph, q, alpha: float, r_cut: float) -> np.ndarray:
+    """φ [N] in eV of charges q [N], summed over each atom's incoming edges (r < r_cut) of the graph."""
+    shift = erfc(alpha * r_cut) / r_cut
+    own = np.zeros(len(q))
+    np.add.at(own, graph.dst, q[graph.src])  # the shift of each edge, summed
+    # the charge's own screening
+    return KE * (_screened_sum(graph, q, alpha) - shift * own - q * (shift + 2 * alpha / np.sqrt(np.pi)))
+
+
+def formal_charges(numbers, charges: dict) -> np.ndarray:
+    """q [N] of atomic numbers from {symbol: charge}."""
     from ase.data import chemical_symbols
 
-    g = x.graph
-    q = np.array([charges[chemical_symbols[z]] for z in np.asarray(g.numbers)])
-    r = np.linalg.norm(g.vec, axis=1)
-    phi = np.zeros(len(q))
-    np.add.at(phi, g.dst, q[g.src] * (erfc(alpha * r) / r - erfc(alpha * r_cut) / r_cut))
-    phi -= q * (erfc(alpha * r_cut) / r_cut + 2 * alpha / np.sqrt(np.pi))  # the charge's own screening
-    return KE * phi
+    return np.array([charges[chemical_symbols[int(z)]] for z in np.asarray(numbers)])
 
 
 def long_wavelength_potential(positions, cell, q, alpha: float = ALPHA_LONG, tol: float = 1e-10) -> np.ndarray:
@@ -81,11 +92,8 @@ def ewald_potential(atoms, q, alpha: float = 0.3, real_cut: float = 12.0) -> np.
     edges within real_cut (erfc(α·real_cut) ≈ 2e-7 at the defaults), φ_long and the self term."""
     from egnn.graph import radius_graph
 
-    g = radius_graph(atoms, real_cut)
-    r = np.linalg.norm(g.vec, axis=1)
-    real = np.zeros(len(q))
-    np.add.at(real, g.dst, q[g.src] * erfc(alpha * r) / r)
     phi_long = long_wavelength_potential(atoms.positions, atoms.cell, q, alpha)
+    real = _screened_sum(radius_graph(atoms, real_cut), q, alpha)
     return KE * (real - 2 * alpha / np.sqrt(np.pi) * q) + phi_long
 
 
@@ -120,17 +128,15 @@ def onsite_levels(model, x):
 def collect(model, runs, charges, alpha, cache) -> dict:
     """{element: (φ [n], level errors [n, orbitals], DFT levels [n, orbitals], φ_long [n])} over the runs'
     atoms."""
-    from ase.data import chemical_symbols
-
     from egnn.evaluate import _iter_samples
     from egnn.train import open_datasets
 
     rows = {}
     r_cut = float(model.config.r_cut)
     for x, _, _ in _iter_samples(open_datasets(runs, r_cut, cache), model):
-        phi = wolf_potential(x, charges, alpha, r_cut)
         g = x.graph
-        q = np.array([charges[chemical_symbols[z]] for z in np.asarray(g.numbers)])
+        q = formal_charges(g.numbers, charges)
+        phi = wolf_potential(g, q, alpha, r_cut)
         phi_long = long_wavelength_potential(g.positions, g.cell, q)
         els, err, dft = onsite_levels(model, x)
         for a, p, e, d, pl in zip(els, phi, err, dft, phi_long):

@@ -57,13 +57,19 @@ def _greedy_by_hand(candidates, reference, count):
     return picked
 
 
-def test_pick_novel_is_the_greedy_definition_on_random_descriptors():
-    rng = np.random.default_rng(3)
+def _random_candidates(seed, count, sizes, dim, reference_rows):
+    """(candidates, reference): `count` cells of random size in `sizes` with random descriptors of
+    `dim` columns (each cell on its own scale), and `reference_rows` reference atoms per element."""
+    rng = np.random.default_rng(seed)
     candidates = []
-    for _ in range(25):
-        n = int(rng.integers(3, 7))
-        candidates.append((rng.choice(Z, n), rng.normal(size=(n, 5)) * rng.uniform(0.5, 2.0)))
-    reference = {z: rng.normal(size=(10, 5)) for z in Z}
+    for _ in range(count):
+        n = int(rng.integers(*sizes))
+        candidates.append((rng.choice(Z, n), rng.normal(size=(n, dim)) * rng.uniform(0.5, 2.0)))
+    return candidates, {z: rng.normal(size=(reference_rows, dim)) for z in Z}
+
+
+def test_pick_novel_is_the_greedy_definition_on_random_descriptors():
+    candidates, reference = _random_candidates(3, 25, (3, 7), 5, 10)
     picked = pick_novel(candidates, reference, 8)
     assert picked == _greedy_by_hand(candidates, reference, 8)
     assert len(set(picked)) == 8
@@ -105,12 +111,7 @@ def _covering_by_hand(candidates, reference, count):
 
 
 def test_pick_covering_is_the_greedy_facility_location_on_random_descriptors():
-    rng = np.random.default_rng(5)
-    candidates = []
-    for _ in range(14):
-        n = int(rng.integers(2, 5))
-        candidates.append((rng.choice(Z, n), rng.normal(size=(n, 4)) * rng.uniform(0.5, 2.0)))
-    reference = {z: rng.normal(size=(6, 4)) for z in Z}
+    candidates, reference = _random_candidates(5, 14, (2, 5), 4, 6)
     assert pick_covering(candidates, reference, 5, chunk=7) == _covering_by_hand(candidates, reference, 5)
 
 
