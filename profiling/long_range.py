@@ -5,7 +5,9 @@ cells of growing size.
         [--seeds 5] [--out profiling/results/long_range.json]
 
 HfO2 (the monoclinic prototype of egnn.datagen) repeated n×n×n, every atom displaced by N(0, σ) in
-each direction (as `egnn data generate` rattles its cells), formal charges Hf +4, O −2. Per atom, the
+each direction (the Gaussian of `egnn data generate`, but not egnn.datagen.make_structure itself: its
+redraw of cells with a contact under 70 % of the shortest bond rejects every draw of 768 atoms at
+σ 0.2 Å), formal charges Hf +4, O −2. Per atom, the
 Ewald potential φ (profiling/site_potential.py's `ewald_potential`) minus the charge-neutral, shifted,
 damped Coulomb sum over the neighbours within the reach R (Wolf), for the damping α_w of
 ALPHA_WOLF that misses least. The RMS of that remainder over the atoms of each element, mean and

@@ -27,7 +27,6 @@ atom's incoming edges (no global step in the distributed scheme); φ_long is not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -36,6 +35,7 @@ import torch
 from scipy.special import erfc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import write_json  # noqa: E402
 from accuracy_splits import SPLITS  # noqa: E402
 
 KE = 14.399645  # e² / (4π ε0), eV·Å
@@ -195,9 +195,8 @@ def main(argv=None) -> int:
                   f"{row['rms_phi_long_meV']:14.0f}  {row['corr_phi_long_err']:+19.2f}  {row['slope_phi_long']:+5.2f}  "
                   + " / ".join(f"{row[k]:6.0f}" for k in LEVEL_COLUMNS))
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"checkpoint": a.checkpoint, "charges": charges, "alpha": a.alpha, "alpha_long": ALPHA_LONG,
-                       **out}, f, indent=1)
+        write_json({"checkpoint": a.checkpoint, "charges": charges, "alpha": a.alpha, "alpha_long": ALPHA_LONG,
+                    **out}, a.out)
     return 0
 
 
